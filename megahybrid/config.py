@@ -1,0 +1,505 @@
+"""Typed configuration: one small dataclass per component, YAML files and dotted overrides.
+
+Every field has a docstring-style comment; unknown keys and bad values raise `ConfigError`
+with one line naming the field, the value and the fix (style.md rule 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the field, the value and the fix."""
+
+
+def fail(path: str, value: Any, rule: str) -> typing.NoReturn:
+    """Raise the one-line error every config check uses."""
+    raise ConfigError(f"{path}={value!r}: {rule}")
+
+
+# --------------------------------------------------------------------------- model parts
+
+
+@dataclass
+class AttentionConfig:
+    """Softmax attention (`*`), sliding-window attention (`w`) and the attention half of
+    shared (`s`) and parallel (`h`) blocks."""
+
+    num_heads: int = 8
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads (GQA groups); None = num_heads (MHA). Must divide num_heads."""
+    head_dim: Optional[int] = None
+    """Per-head width; None = hidden_size // num_heads."""
+    rope_theta: float = 10000.0
+    """RoPE base. 0 disables rotary embeddings."""
+    rotary_fraction: float = 1.0
+    """Fraction of head_dim that is rotated (partial rotary, e.g. 0.5 in Bamba)."""
+    qk_norm: bool = False
+    """RMSNorm on each query and key head before RoPE (Qwen3, OLMo2)."""
+    window: int = 4096
+    """Sliding-window size in tokens for `w` layers (a token sees itself and window-1 before)."""
+    output_gate: bool = False
+    """Multiply the attention output by sigmoid(W_g x) per head (Qwen3-Next gated attention)."""
+    bias: bool = False
+    """Bias on the q/k/v/o projections."""
+    softmax_scale: Optional[float] = None
+    """Score scale; None = head_dim ** -0.5."""
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba2 / SSD mixer (`M`), Dao & Gu 2024 (arXiv 2405.21060)."""
+
+    state_size: int = 128
+    """SSM state width N per head (d_state)."""
+    head_dim: int = 64
+    """Channels per SSM head (P)."""
+    num_groups: int = 1
+    """B/C groups (like GQA for SSMs); must divide the number of heads."""
+    expand: int = 2
+    """d_inner = expand * hidden_size."""
+    conv_kernel: int = 4
+    """Depthwise causal conv width over [x, B, C]."""
+    chunk_size: int = 64
+    """SSD chunk length of the chunked (matmul) form."""
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    """Clamp of softplus(dt + dt_bias) (mamba-ssm `dt_limit`)."""
+    norm_before_gate: bool = False
+    """Gated RMSNorm order: False = norm(y * silu(z)) (Mamba2, NemotronH); True = norm(y) * silu(z)."""
+    use_conv_bias: bool = True
+    use_bias: bool = False
+
+
+@dataclass
+class Mamba1Config:
+    """Mamba1 selective scan (`m`, Jamba's mixer), Gu & Dao 2023 (arXiv 2312.00752)."""
+
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    dt_rank: Optional[int] = None
+    """None = ceil(hidden_size / 16)."""
+    inner_layernorms: bool = False
+    """RMSNorm on dt, B and C (Jamba)."""
+    use_conv_bias: bool = True
+    use_bias: bool = False
+
+
+@dataclass
+class DeltaNetConfig:
+    """DeltaNet (`d`), Yang et al. 2024 (arXiv 2406.06484): S_t = S_{t-1}(I - b k k^T) + b v k^T."""
+
+    num_heads: int = 8
+    head_dim: Optional[int] = None
+    """Key/query head width; None = hidden_size // num_heads."""
+    expand_v: float = 1.0
+    """Value head width = expand_v * head_dim."""
+    conv_kernel: int = 4
+    """Short causal conv on q, k, v (0 disables it)."""
+    chunk_size: int = 64
+    """Chunk length of the chunked WY form."""
+    output_gate: bool = True
+    """Output RMSNorm gated by silu(W_g x); False = plain RMSNorm."""
+    allow_neg_eigval: bool = False
+    """beta in (0, 2) instead of (0, 1) (Grazzi et al. 2024)."""
+
+
+@dataclass
+class GatedDeltaNetConfig:
+    """Gated DeltaNet (`G`), Yang et al. 2024 (arXiv 2412.06464), as in Qwen3-Next / Megatron."""
+
+    num_qk_heads: int = 8
+    num_v_heads: Optional[int] = None
+    """None = num_qk_heads; must be a multiple of num_qk_heads (q/k heads are repeated)."""
+    qk_head_dim: Optional[int] = None
+    """None = hidden_size // num_qk_heads."""
+    v_head_dim: Optional[int] = None
+    """None = qk_head_dim."""
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    allow_neg_eigval: bool = False
+
+
+@dataclass
+class RGLRUConfig:
+    """Griffin recurrent block with the RG-LRU (`r`), De et al. 2024 (arXiv 2402.19427)."""
+
+    width: Optional[int] = None
+    """Recurrence width (lru_width); None = hidden_size."""
+    num_heads: int = 8
+    """Block-diagonal gate heads; must divide width."""
+    conv_kernel: int = 4
+    c: float = 8.0
+    """Fixed scalar c in a_t = a^(c r_t) (paper, section 2.4)."""
+
+
+@dataclass
+class MLPConfig:
+    """Dense MLP (`-`)."""
+
+    ffn_hidden_size: Optional[int] = None
+    """None = 4 * hidden_size (2/3 of that, rounded to 64, for gated activations)."""
+    activation: Literal["swiglu", "geglu", "relu2", "gelu", "silu"] = "swiglu"
+    """swiglu/geglu are gated (two up projections); relu2 is squared ReLU (Primer, Nemotron-H)."""
+    bias: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (`E`)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: Optional[int] = None
+    """Per-expert width; None = the dense MLP's width."""
+    activation: Literal["swiglu", "geglu", "relu2", "gelu", "silu"] = "swiglu"
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """softmax: Switch/Mixtral; sigmoid: DeepSeek-V3 style scores."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k weights to sum to 1."""
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: Optional[int] = None
+    """Width of the (single fused) shared expert; None = num_shared_experts * ffn_hidden_size."""
+    aux_loss_coeff: float = 0.01
+    """Switch-Transformer load-balancing loss weight (Fedus et al. 2021, eq. 4)."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss weight (ST-MoE, Zoph et al. 2022)."""
+    capacity_factor: Optional[float] = None
+    """None = dropless (every routed token is computed)."""
+
+
+@dataclass
+class SharedAttentionConfig:
+    """Zamba-style shared attention (`s`), Glorioso et al. 2024 (arXiv 2411.15242)."""
+
+    adapter_rank: int = 8
+    """Rank of the per-use LoRA adapters on q, k and v (0 = no adapters)."""
+    num_shared_blocks: int = 1
+    """Distinct shared blocks, used round-robin over the `s` positions (Zamba2 uses 2)."""
+
+
+@dataclass
+class HymbaConfig:
+    """Hymba parallel attention + SSM heads (`h`), Dong et al. 2024 (arXiv 2411.13676).
+    Attention sizes come from `attention`, SSM sizes from `mamba2`."""
+
+    attention_window: Optional[int] = None
+    """Sliding window for the attention heads; None = global attention."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. The layer list comes from exactly one of: pattern, layers, or a
+    backbone with attention_every / attention_layers / ratio."""
+
+    pattern: Optional[str] = None
+    """Layer pattern, e.g. "(MMM*E)x4" (design.md, "Layer-pattern language")."""
+    layers: Optional[list[str]] = None
+    """Explicit list of long layer names, e.g. [mamba2, mlp, attention, moe]."""
+    backbone: Optional[str] = None
+    """Mixer (long name or symbol) filling every non-attention slot, with num_layers."""
+    num_layers: Optional[int] = None
+    """Mixer-layer count for backbone-based layouts."""
+    attention_every: Optional[int] = None
+    """Every N-th mixer (1-based: N, 2N, ...) is attention."""
+    attention_layers: Optional[list[int]] = None
+    """0-based mixer indices that are attention (exp7 placement)."""
+    ratio: Optional[list[int]] = None
+    """[backbone, attention] counts, attention evenly spaced (Megatron's allocator)."""
+    mlp_after_mixer: Optional[str] = None
+    """With backbone layouts: a channel symbol ('-' or 'E') after every mixer, or None."""
+
+    hidden_size: int = 256
+    vocab_size: int = 8192
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    zero_centered_norm: bool = False
+    """RMSNorm computes x * (1 + w) with w initialised at 0 (Gemma, Qwen3-Next)."""
+    tie_embeddings: bool = False
+    embedding_scale: float = 1.0
+    """Embeddings are multiplied by this (sqrt(hidden_size) in Gemma/RecurrentGemma)."""
+    logit_softcap: Optional[float] = None
+    """logits = c * tanh(logits / c) (Gemma 2, RecurrentGemma)."""
+    init_std: float = 0.02
+    max_seq_len: int = 4096
+    """Longest sequence the model is used at (RoPE tables, FLOPs defaults)."""
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    mamba1: Mamba1Config = field(default_factory=Mamba1Config)
+    deltanet: DeltaNetConfig = field(default_factory=DeltaNetConfig)
+    gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
+    rglru: RGLRUConfig = field(default_factory=RGLRUConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    shared_attention: SharedAttentionConfig = field(default_factory=SharedAttentionConfig)
+    hymba: HymbaConfig = field(default_factory=HymbaConfig)
+
+
+# ------------------------------------------------------------------------- parallel, train
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-Core parallel layout (used by the megatron backend and launchers)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size; `|` in the pattern, if present, must give exactly pp stages."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank."""
+    ep: int = 1
+    """Expert-parallel size."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size; None = tp."""
+    cp: int = 1
+    """Context-parallel size."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    paths: Optional[list[str]] = None
+    """Megatron indexed-dataset prefixes (path without .bin/.idx); None = embedded corpus."""
+    weights: Optional[list[float]] = None
+    """Blending weights, one per path."""
+    tokenizer: Optional[str] = None
+    """A tokenizer.json; None = train a byte-level BPE on the corpus into the run dir."""
+    valid_fraction: float = 0.01
+    """Fraction of documents held out for validation."""
+    pack: bool = True
+    """Pass document boundaries to the model so nothing crosses a document."""
+    corpus_bytes: Optional[int] = None
+    """Use only the first N bytes of the embedded corpus (None = all)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control."""
+
+    backend: Literal["reference", "megatron"] = "reference"
+    steps: int = 300
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    """Sequences per optimizer step; a multiple of micro_batch_size * data-parallel size."""
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2
+    """WSD: the last fraction of steps decays linearly to min_lr."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    device: str = "auto"
+    """auto = cuda if available, else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto = bfloat16 autocast on GPU, float32 on CPU."""
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    """Abort after this many consecutive NaN/Inf losses."""
+    threads: Optional[int] = None
+    """torch CPU threads; None = torch's default."""
+
+
+@dataclass
+class Config:
+    """Everything one run needs; saved resolved with every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    name: str = "megahybrid"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------ dict <-> dataclass
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against annotation `tp`; return it converted (int -> float, list -> tuple)."""
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        fail(path, value, "must not be null")
+    origin = typing.get_origin(inner)
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            fail(path, value, f"must be a mapping of {inner.__name__} fields")
+        return from_dict(inner, value, path)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            fail(path, value, f"must be one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            fail(path, value, f"must be a list")
+        args = typing.get_args(inner)
+        item_tp = args[0] if args else Any
+        items = [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is not Ellipsis and len(items) != 2:
+                fail(path, value, "must be a pair [low, high]")
+            return tuple(items)
+        return items
+    if inner is bool:
+        if not isinstance(value, bool):
+            fail(path, value, "must be true or false")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(path, value, "must be an integer")
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(path, value, "must be a number")
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            fail(path, value, "must be a string")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys name their closest valid names."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: unknown key; {hint}")
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply dotted `key=value` strings (value parsed as YAML) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.hidden_size=512")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        parts = key.strip().split(".")
+        if parts[0] not in {f.name for f in dataclasses.fields(Config)}:
+            parts = ["model", *parts] if parts[0] in {f.name for f in dataclasses.fields(ModelConfig)} else parts
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    return data
+
+
+def load_config(source: Any = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """`source`: a YAML path, a preset name (optionally `name:tiny`), a pattern string, a dict,
+    or None (the embedded default). `overrides`: dotted `key=value` strings."""
+    from megahybrid import presets
+
+    if source is None:
+        data = presets.get("default")
+    elif isinstance(source, Config):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    elif isinstance(source, (str, Path)) and (str(source).endswith((".yaml", ".yml")) or Path(str(source)).is_file()):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config {str(source)!r}: file not found; give a YAML path, a preset name or a pattern")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {str(source)!r}: the file must hold a mapping, not {type(loaded).__name__}")
+        data = loaded
+        if "preset" in data:
+            data = _merge(presets.get(data.pop("preset")), data)
+    elif isinstance(source, str) and presets.is_preset(source):
+        data = presets.get(source)
+    elif isinstance(source, str):
+        data = {"model": {"pattern": source}}
+    else:
+        raise ConfigError(f"config source {source!r}: expected a YAML path, preset name, pattern or dict")
+    if "preset" in data:
+        data = dict(data)
+        data = _merge(presets.get(data.pop("preset")), data)
+    data = apply_overrides(data, overrides)
+    config = from_dict(Config, data)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; the layer list itself is checked by `pattern.resolve_layers`."""
+    from megahybrid import pattern
+
+    m = config.model
+    for name in ("hidden_size", "vocab_size"):
+        if getattr(m, name) <= 0:
+            fail(f"model.{name}", getattr(m, name), "must be positive")
+    pattern.resolve_layers(config)  # raises ConfigError on any bad layout or size
+    t = config.train
+    if t.global_batch_size % t.micro_batch_size:
+        fail("train.global_batch_size", t.global_batch_size,
+             f"must be a multiple of train.micro_batch_size={t.micro_batch_size}")
+    if t.seq_len <= 0 or t.steps < 0:
+        fail("train.seq_len", t.seq_len, "must be positive (and train.steps >= 0)")
+    d = config.data
+    if d.weights is not None and (d.paths is None or len(d.weights) != len(d.paths)):
+        fail("data.weights", d.weights, "needs one weight per entry of data.paths")
+    p = config.parallel
+    for name in ("tp", "pp", "ep", "cp"):
+        if getattr(p, name) < 1:
+            fail(f"parallel.{name}", getattr(p, name), "must be >= 1")
+    if p.sequence_parallel and p.tp == 1:
+        fail("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false or raise tp")

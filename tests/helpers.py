@@ -1,0 +1,27 @@
+"""The one comparison helper for the whole suite (style.md rule 2)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max|out - ref| / max(max|ref|, tiny), computed in float64."""
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    denom = ref64.abs().max().clamp_min(1e-30)
+    return float((out64 - ref64).abs().max() / denom)
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rtol: float) -> None:
+    """Fail if shapes differ, anything is NaN/Inf, or the relative error exceeds `rtol`;
+    the message names the tensor and shows the worst element."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: output has NaN/Inf"
+    assert torch.isfinite(ref).all(), f"{name}: reference has NaN/Inf"
+    err = rel_error(ref, out)
+    if not err <= rtol:
+        diff = (out.detach().double() - ref.detach().double()).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rtol:.1e}; worst at {idx}: "
+            f"ref={float(ref[idx]):.6e} out={float(out[idx]):.6e}")
