@@ -94,6 +94,8 @@ class Mamba1Config:
     """None = ceil(hidden_size / 16)."""
     inner_layernorms: bool = False
     """RMSNorm on dt, B and C (Jamba)."""
+    chunk_size: int = 16
+    """Chunk length of the reference chunked scan; its memory grows as chunk_size^2 * d_inner * N."""
     use_conv_bias: bool = True
     use_bias: bool = False
 
@@ -144,6 +146,8 @@ class RGLRUConfig:
     conv_kernel: int = 4
     c: float = 8.0
     """Fixed scalar c in a_t = a^(c r_t) (paper, section 2.4)."""
+    bias: bool = True
+    """Bias on linear_x, linear_y and linear_out (RecurrentGemma has them)."""
 
 
 @dataclass
@@ -151,7 +155,7 @@ class MLPConfig:
     """Dense MLP (`-`)."""
 
     ffn_hidden_size: Optional[int] = None
-    """None = 4 * hidden_size (2/3 of that, rounded to 64, for gated activations)."""
+    """None = 4 * hidden_size; for gated activations round(8/3 * hidden_size) rounded up to a multiple of 64."""
     activation: Literal["swiglu", "geglu", "relu2", "gelu", "silu"] = "swiglu"
     """swiglu/geglu are gated (two up projections); relu2 is squared ReLU (Primer, Nemotron-H)."""
     bias: bool = False
@@ -390,6 +394,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             fail(path, value, "must be an integer")
         return value
     if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                fail(path, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(path, value, "must be a number")
         return float(value)
@@ -425,6 +434,17 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _parse_value(raw: str) -> Any:
+    """YAML scalar parsing, plus numbers YAML 1.1 leaves as strings (e.g. 1e-4)."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     """Apply dotted `key=value` strings (value parsed as YAML) to a nested dict."""
     data = dict(data)
@@ -432,7 +452,7 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.hidden_size=512")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_value(raw)
         parts = key.strip().split(".")
         if parts[0] not in {f.name for f in dataclasses.fields(Config)}:
             parts = ["model", *parts] if parts[0] in {f.name for f in dataclasses.fields(ModelConfig)} else parts

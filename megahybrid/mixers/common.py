@@ -74,21 +74,18 @@ class GatedRMSNorm(nn.Module):
         return y.to(dtype)
 
 
-class ShortConv(nn.Module):
+class ShortConv(nn.Conv1d):
     """Depthwise causal conv1d over time, `[B, T, C] -> [B, T, C]`, with an optional activation.
 
+    An `nn.Conv1d` itself, so its parameters are `weight [C, 1, K]` and `bias [C]` and a mixer's
+    `conv1d = ShortConv(...)` has the keys `conv1d.weight`/`conv1d.bias` of mamba_ssm, HF and FLA.
     State: the last `kernel - 1` inputs (`[B, kernel-1, C]`), so a sequence run in pieces equals
     the whole; with no state the sequence is zero-padded on the left (causal_conv1d's semantics)."""
 
     def __init__(self, channels: int, kernel: int, bias: bool = True, activation: Optional[str] = "silu"):
-        super().__init__()
+        super().__init__(channels, channels, kernel, groups=channels, bias=bias)
         self.kernel = kernel
         self.activation = activation
-        self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
 
     def forward(self, x: torch.Tensor, state: Optional[torch.Tensor] = None):
         B, T, C = x.shape
@@ -96,7 +93,7 @@ class ShortConv(nn.Module):
             state = x.new_zeros(B, self.kernel - 1, C)
         xx = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
         new_state = xx[:, xx.shape[1] - (self.kernel - 1):]
-        y = F.conv1d(xx.transpose(1, 2), self.conv.weight, self.conv.bias, groups=C).transpose(1, 2)
+        y = F.conv1d(xx.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
         if self.activation == "silu":
             y = F.silu(y)
         elif self.activation is not None:

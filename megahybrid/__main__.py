@@ -1,0 +1,5 @@
+import sys
+
+from megahybrid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""`megahybrid` command line: one small function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megahybrid.config import ConfigError
+
+
+def cmd_describe(args) -> int:
+    from megahybrid.config import load_config
+    from megahybrid.describe import describe, format_table
+
+    config = load_config(args.source, args.overrides)
+    info = describe(config, seq_len=args.seq_len)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from megahybrid.train.run import train_from_cli
+
+    return train_from_cli(args.config, args.out, args.overrides)
+
+
+def cmd_data(args) -> int:
+    from megahybrid.data.prepare import prepare_from_cli
+
+    return prepare_from_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megahybrid", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("describe", help="print the resolved layer table of a config, preset or pattern")
+    d.add_argument("source", help="YAML path, preset name (e.g. jamba or jamba:tiny) or pattern string")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: train.seq_len)")
+    d.set_defaults(fn=cmd_describe)
+
+    t = sub.add_parser("train", help="train a model (no arguments: the embedded default on CPU)")
+    t.add_argument("--config", default=None, help="YAML path, preset name or pattern (default: embedded default)")
+    t.add_argument("--out", default="runs/default", help="run directory (re-running resumes from it)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.set_defaults(fn=cmd_train)
+
+    data = sub.add_parser("data", help="prepare datasets (tokenizer + Megatron indexed .bin/.idx)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_sub.add_parser("prepare", help="tokenize text/jsonl files (or the embedded corpus)")
+    prep.add_argument("inputs", nargs="*", help=".txt or .jsonl files (default: the embedded corpus)")
+    prep.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin/.idx)")
+    prep.add_argument("--tokenizer", default=None, help="existing tokenizer.json (default: train a BPE)")
+    prep.add_argument("--vocab-size", type=int, default=8192)
+    prep.add_argument("--json-key", default="text", help="field holding the text in .jsonl files")
+    prep.set_defaults(fn=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except ConfigError as err:
+        print(f"megahybrid: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Softmax attention (`*`) and sliding-window attention (`w`): MHA/GQA, RoPE, QK-norm, output gate.
+
+Reference math, not a fast path: `attention_core` writes the scores, the mask and the softmax out
+explicitly, so it can serve as the oracle for SDPA / flash / TE kernels (the Hymba mixer imports it).
+
+Layout of one layer (`[B, T, hidden]` in and out):
+    q, gate = q_proj(x) per head [q_h, gate_h]   (gate only with `output_gate`, Qwen3-Next layout)
+    k, v    = k_proj(x), v_proj(x)               (num_kv_heads heads; GQA shares them over groups)
+    q, k    = q_norm(q), k_norm(k)               (per head, before RoPE; only with `qk_norm`)
+    q, k    = RoPE(q, k) at positions past..past+T-1 (first `rotary_fraction` of each head)
+    o       = softmax(scale * q k^T + causal/window mask) v
+    y       = o_proj(o * sigmoid(gate))
+
+State (KV cache): `{"k": [B, Tc, Hkv, D], "v": [B, Tc, Hkv, D]}` holding keys after norm and RoPE.
+Full attention keeps every past token (Tc = tokens seen, so positions continue from Tc). Sliding
+window keeps only the last window-1 tokens and adds `"pos": [B]` (int64, tokens seen), because Tc no
+longer tells the position at which the next token's RoPE rotation starts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megahybrid.config import fail
+from megahybrid.mixers.base import Mixer, State
+from megahybrid.mixers.common import RMSNorm, linear, rotary
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   causal_offset: Optional[int] = None, window: Optional[int] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Causal softmax attention with an explicit mask (matmul + softmax, no fused kernel).
+
+    q `[B, Tq, Hq, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, Hkv, Dv]` -> o `[B, Tq, Hq, Dv]`.
+    Hq must be a multiple of Hkv (GQA: query head h uses kv head h // (Hq // Hkv)).
+    Query i sits at position `causal_offset + i` in the keys' frame (key j at position j); it sees
+    key j iff j <= causal_offset + i and, with `window`, causal_offset + i - j < window (itself and
+    window-1 before). `causal_offset` None = Tk - Tq (the queries are the last Tq keys, the usual
+    case with a KV cache). `scale` None = D ** -0.5. Scores and softmax run in float32 for 16-bit
+    inputs, otherwise in the input dtype (float64 stays float64 for exactness tests).
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"attention_core: {Hq} query heads is not a multiple of {Hkv} kv heads")
+    offset = Tk - Tq if causal_offset is None else causal_offset
+    if offset < 0 or offset + Tq > Tk:
+        raise ValueError(f"attention_core: causal_offset={offset} with Tq={Tq} needs 0 <= offset <= Tk-Tq={Tk - Tq}")
+    scale = D ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    groups = Hq // Hkv
+    # [B, Hkv, groups, Tq, D]: query heads grouped under the kv head they share.
+    qg = q.to(compute).transpose(1, 2).reshape(B, Hkv, groups, Tq, D)
+    kt = k.to(compute).permute(0, 2, 3, 1)[:, :, None]  # [B, Hkv, 1, D, Tk]
+    vt = v.to(compute).transpose(1, 2)[:, :, None]  # [B, Hkv, 1, Tk, Dv]
+    scores = (qg @ kt) * scale  # [B, Hkv, groups, Tq, Tk]
+    scores = scores.masked_fill(~attention_mask(Tq, Tk, offset, window, q.device), float("-inf"))
+    o = torch.softmax(scores, dim=-1) @ vt  # [B, Hkv, groups, Tq, Dv]
+    return o.reshape(B, Hq, Tq, -1).transpose(1, 2).to(dtype)
+
+
+def attention_mask(Tq: int, Tk: int, offset: int, window: Optional[int], device=None) -> torch.Tensor:
+    """Boolean `[Tq, Tk]`, True where query i (at offset + i) may see key j (see `attention_core`)."""
+    dist = (torch.arange(Tq, device=device)[:, None] + offset) - torch.arange(Tk, device=device)[None, :]
+    visible = dist >= 0
+    if window is not None:
+        visible &= dist < window
+    return visible
+
+
+def _model_config(config):
+    """Accept a Config or a ModelConfig (check() is called with either)."""
+    return getattr(config, "model", config)
+
+
+class Attention(Mixer):
+    """Causal softmax attention (MHA/GQA) with RoPE, optional QK-norm and Qwen3-Next output gate."""
+
+    window: Optional[int] = None
+    """Sliding window in tokens; None = global (set by `SlidingWindowAttention`)."""
+
+    def __init__(self, config, index: int = 0, shared: dict | None = None):
+        super().__init__()
+        self.check(config)
+        a = config.attention
+        hidden = config.hidden_size
+        self.num_heads = a.num_heads
+        self.num_kv_heads = a.num_kv_heads or a.num_heads
+        self.head_dim = a.head_dim or hidden // a.num_heads
+        self.rope_theta = a.rope_theta
+        self.rotary_fraction = a.rotary_fraction
+        self.scale = a.softmax_scale if a.softmax_scale is not None else self.head_dim ** -0.5
+        self.output_gate = a.output_gate
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        std = config.init_std
+        # With the gate, q_proj rows are per head [q_h (D), gate_h (D)] (Qwen3-Next, HF layout).
+        self.q_proj = linear(hidden, q_width * (2 if a.output_gate else 1), std, a.bias)
+        self.k_proj = linear(hidden, kv_width, std, a.bias)
+        self.v_proj = linear(hidden, kv_width, std, a.bias)
+        self.o_proj = linear(q_width, hidden, std, a.bias)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    # ------------------------------------------------------------------ forward, in two halves
+    # Split so that SharedAttention can add its LoRA deltas between projection and attention.
+
+    def project(self, x: torch.Tensor):
+        """x `[B, T, hidden]` -> q `[B, T, H, D]`, gate (same shape, or None), k, v `[B, T, Hkv, D]`."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, -1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.chunk(2, dim=-1)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        return q, gate, k, v
+
+    def attend(self, q, gate, k, v, state: State = None):
+        """Norm, RoPE, cache, attention core, gate, o_proj: projected heads -> `(y, state)`."""
+        B, T = q.shape[:2]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cached = 0 if state is None else state["k"].shape[1]
+        start = self._start_positions(state, B, cached, q.device)  # [B]: position of the first new token
+        positions = start[:, None] + torch.arange(T, device=q.device)
+        q = rotary(q, positions, self.rope_theta, self.rotary_fraction)
+        k = rotary(k, positions, self.rope_theta, self.rotary_fraction)
+        if state is not None:
+            k = torch.cat([state["k"].to(k.dtype), k], dim=1)
+            v = torch.cat([state["v"].to(v.dtype), v], dim=1)
+        o = attention_core(q, k, v, causal_offset=cached, window=self.window, scale=self.scale)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        y = self.o_proj(o.reshape(B, T, -1))
+        return y, self._next_state(k, v, start + T)
+
+    def forward_segment(self, x: torch.Tensor, state: State = None):
+        return self.attend(*self.project(x), state)
+
+    def _start_positions(self, state: State, batch: int, cached: int, device) -> torch.Tensor:
+        if state is not None and "pos" in state:
+            return state["pos"].to(device=device, dtype=torch.long)
+        return torch.full((batch,), cached, dtype=torch.long, device=device)
+
+    def _next_state(self, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> dict:
+        if self.window is None:
+            return {"k": k, "v": v}
+        keep = max(0, k.shape[1] - (self.window - 1))  # slice start; window=1 keeps nothing
+        return {"k": k[:, keep:], "v": v[:, keep:], "pos": seen}
+
+    # ------------------------------------------------------------------------- config, FLOPs
+
+    @classmethod
+    def check(cls, config) -> None:
+        m = _model_config(config)
+        a = m.attention
+        p = "model.attention"
+        if a.num_heads < 1:
+            fail(f"{p}.num_heads", a.num_heads, "must be >= 1")
+        kv = a.num_kv_heads
+        if kv is not None and (kv < 1 or a.num_heads % kv):
+            fail(f"{p}.num_kv_heads", kv, f"must be >= 1 and divide num_heads={a.num_heads} (or null for MHA)")
+        if a.head_dim is None and m.hidden_size % a.num_heads:
+            fail(f"{p}.num_heads", a.num_heads,
+                 f"must divide model.hidden_size={m.hidden_size} when head_dim is null; set head_dim")
+        if a.head_dim is not None and a.head_dim < 1:
+            fail(f"{p}.head_dim", a.head_dim, "must be >= 1 (or null for hidden_size // num_heads)")
+        if not 0 < a.rotary_fraction <= 1:
+            fail(f"{p}.rotary_fraction", a.rotary_fraction, "must be in (0, 1]; use rope_theta=0 to disable RoPE")
+        if a.rope_theta < 0:
+            fail(f"{p}.rope_theta", a.rope_theta, "must be > 0 (or 0 to disable RoPE)")
+        if a.softmax_scale is not None and a.softmax_scale <= 0:
+            fail(f"{p}.softmax_scale", a.softmax_scale, "must be > 0 (or null for head_dim ** -0.5)")
+
+    @classmethod
+    def _window_for(cls, config) -> Optional[int]:
+        return None
+
+    @classmethod
+    def flops_per_token(cls, config, seq_len: int, causal: bool = True) -> float:
+        """2 * (projection MACs) + 4 * H * D * keys, Megatron's convention (softmax, norms not counted).
+
+        projection MACs = hidden * H*D * (2 if output_gate else 1)   (q_proj)
+                        + 2 * hidden * Hkv*D + H*D * hidden            (k, v, o)
+        keys (mean keys a token attends, QK^T and AV each 2*H*D FLOPs per key):
+          causal, no window:  S / 2  (half the square: core = 2*S*H*D; causal=False: S, core = 4*S*H*D)
+          causal, window w:   L - L^2 / (2S) with L = min(w, S) (band area / S; S/2 when w >= S)
+          causal=False, w:    L
+        """
+        m = _model_config(config)
+        a = m.attention
+        heads, kv = a.num_heads, a.num_kv_heads or a.num_heads
+        d = a.head_dim or m.hidden_size // heads
+        proj = m.hidden_size * heads * d * (2 if a.output_gate else 1) + 2 * m.hidden_size * kv * d \
+            + heads * d * m.hidden_size
+        return 2.0 * proj + 4.0 * heads * d * mean_keys(seq_len, cls._window_for(m), causal)
+
+
+def mean_keys(seq_len: int, window: Optional[int], causal: bool) -> float:
+    """Mean number of keys per query under Megatron's counting (see `Attention.flops_per_token`)."""
+    L = seq_len if window is None else min(window, seq_len)
+    if not causal:
+        return float(L)
+    return L - L * L / (2.0 * seq_len)
+
+
+class SlidingWindowAttention(Attention):
+    """Attention where a token sees itself and `attention.window - 1` tokens before it (Mistral,
+    Griffin local attention). The KV cache keeps only those window-1 tokens."""
+
+    def __init__(self, config, index: int = 0, shared: dict | None = None):
+        super().__init__(config, index, shared)
+        self.window = config.attention.window
+
+    @classmethod
+    def check(cls, config) -> None:
+        super().check(config)
+        w = _model_config(config).attention.window
+        if w < 1:
+            fail("model.attention.window", w, "must be >= 1 (a token sees itself and window-1 before it)")
+
+    @classmethod
+    def _window_for(cls, config) -> Optional[int]:
+        return config.attention.window

@@ -1,0 +1,1 @@
+"""Reference backend: plain PyTorch LM assembled from the mixers' reference modules."""

@@ -1,0 +1,77 @@
+"""The reference LM: embedding, one pre-norm residual sublayer per pattern symbol, final norm, head.
+
+It knows nothing of parallelism (style.md rule 5): it is the numerical oracle for the Megatron
+backend and every parallel layout, the CPU training path and the basis of HF export.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megahybrid.config import ConfigError
+from megahybrid.mixers import REGISTRY
+from megahybrid.mixers.common import linear, make_norm
+from megahybrid.pattern import LayerSpec, resolve_layers
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)): one symbol of the pattern (Megatron's sublayer convention)."""
+
+    def __init__(self, config, spec: LayerSpec, shared: dict):
+        super().__init__()
+        self.spec = spec
+        self.norm = make_norm(config)
+        self.mixer = REGISTRY[spec.symbol].cls()(config, index=spec.index, shared=shared)
+
+    def forward(self, x, state=None, seq_idx=None):
+        y, state = self.mixer(self.norm(x), state, seq_idx)
+        return x + y, state
+
+
+class ReferenceLM(nn.Module):
+    """`model(input_ids)` -> logits `[batch, seq, vocab]`.
+
+    `seq_idx` (`[batch, seq]`) marks packed documents; `state` is a list with one entry per layer
+    (returned when `return_state=True`) so generation can continue a sequence."""
+
+    def __init__(self, config):
+        super().__init__()
+        m = getattr(config, "model", config)
+        self.config = m
+        self.specs = resolve_layers(config)
+        mtp = [s for s in self.specs if s.mtp_depth]
+        if mtp:
+            raise ConfigError(f"model.pattern: multi-token prediction ('/' part, {len(mtp)} layers) is not "
+                              "built by the reference backend yet; remove the '/...' part")
+        self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
+        nn.init.normal_(self.embedding.weight, std=m.init_std)
+        shared: dict = {}
+        self.layers = nn.ModuleList(Block(m, spec, shared) for spec in self.specs)
+        self.final_norm = make_norm(m)
+        self.lm_head = None if m.tie_embeddings else linear(m.hidden_size, m.vocab_size, m.init_std)
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
+                state: Optional[list] = None, return_state: bool = False):
+        m = self.config
+        x = self.embedding(input_ids)
+        if m.embedding_scale != 1.0:
+            x = x * m.embedding_scale
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, None if state is None else state[i], seq_idx)
+            new_state.append(s)
+        x = self.final_norm(x)
+        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        logits = x @ weight.t()
+        if m.logit_softcap:
+            logits = m.logit_softcap * torch.tanh(logits / m.logit_softcap)
+        return (logits, new_state) if return_state else logits
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the weighted auxiliary losses (MoE load balancing) of the last forward."""
+        losses = [layer.mixer.aux_loss for layer in self.layers
+                  if isinstance(getattr(layer.mixer, "aux_loss", None), torch.Tensor)]
+        return torch.stack(losses).sum() if losses else self.embedding.weight.new_zeros(())

@@ -1,0 +1,188 @@
+"""Checkpoints: `RUN/checkpoints/step_00000100/` holds
+
+    model.safetensors      weights (tied weights stored once)
+    optimizer.safetensors  optimizer state tensors; param groups as JSON in the header
+    rng.safetensors        torch CPU (and CUDA) generator states
+    config.yaml            the resolved config
+    meta.json              step, tokens, elapsed time, NaN-skip streak, and size + sha256 per file
+
+Nothing is unpickled: every tensor comes from safetensors, everything else from JSON/YAML, so a
+checkpoint from an untrusted source cannot run code. A checkpoint is written into a temporary
+directory, fsynced and renamed into place, so it is either complete or absent; its meta.json
+checksums catch later truncation or corruption, and `find_latest` then warns and falls back to
+the previous one. Only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+FORMAT = 1
+MODEL, OPTIMIZER, RNG, CONFIG, META = ("model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                       "config.yaml", "meta.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt or from another model."""
+
+
+def config_yaml(config) -> str:
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+               for pid, per_param in state["state"].items() for key, v in per_param.items()}
+    return tensors, {"param_groups": json.dumps(state["param_groups"])}
+
+
+def _load_optimizer(optimizer, path: Path, device) -> None:
+    state: dict = defaultdict(dict)
+    for key, value in load_file(path, device=str(device)).items():
+        pid, name = key.split(".", 1)
+        state[int(pid)][name] = value.cpu() if name == "step" else value
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
+
+
+def save(root: Path, step: int, model, optimizer, config, meta: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically under `root`; prune to the newest `keep_last`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / MODEL))
+    tensors, header = _optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / OPTIMIZER), metadata=header)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / RNG))
+    (tmp / CONFIG).write_text(config_yaml(config))
+    files = {}
+    for name in (MODEL, OPTIMIZER, RNG, CONFIG):
+        _fsync(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, **meta, "files": files}, indent=1))
+    _fsync(tmp / META)
+    _fsync(tmp)
+    if final.exists():  # e.g. a corrupt checkpoint of this step that the run fell back from
+        stale = root / f".stale-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        shutil.rmtree(stale)
+    tmp.rename(final)
+    _fsync(root)
+    for old in checkpoints(root)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def verify(path: Path) -> dict:
+    """meta.json of `path` after checking every file's size and sha256; CheckpointError if not."""
+    try:
+        meta = json.loads((path / META).read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{META} unreadable: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"format {meta.get('format')!r}, expected {FORMAT}")
+    for name in (MODEL, OPTIMIZER, RNG, CONFIG):
+        file = path / name
+        if name not in files or not file.is_file():
+            raise CheckpointError(f"{name} missing")
+        if file.stat().st_size != files[name]["bytes"]:
+            raise CheckpointError(f"{name} has {file.stat().st_size} bytes, expected {files[name]['bytes']} (truncated?)")
+        if _sha256(file) != files[name]["sha256"]:
+            raise CheckpointError(f"{name} checksum mismatch (corrupt)")
+    return meta
+
+
+def find_latest(root: Path, warn=None) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint that verifies, warning about each newer one that does not."""
+    warn = warn or (lambda msg: print(f"megahybrid: warning: {msg}", file=sys.stderr, flush=True))
+    for path in checkpoints(root):
+        try:
+            return path, verify(path)
+        except CheckpointError as err:
+            warn(f"checkpoint {path} is unusable ({err}); falling back to the previous one")
+    return None
+
+
+def restore(path: Path, model, optimizer, device) -> None:
+    """Load weights, optimizer state and RNG states of a verified checkpoint into place."""
+    try:
+        load_model(model, str(path / MODEL), strict=True, device=str(device))
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this model (was the model config changed?): "
+                              f"{str(err).splitlines()[0]}") from None
+    if optimizer is not None:
+        _load_optimizer(optimizer, path / OPTIMIZER, device)
+    rng = load_file(str(path / RNG))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def load_model_checkpoint(path) -> tuple[torch.nn.Module, object]:
+    """(model, config) from a checkpoint directory, or the newest valid checkpoint of a run
+    directory (or of its `checkpoints/`). The model is the reference backend's, in eval mode."""
+    import megahybrid
+
+    path = Path(path)
+    if not (path / META).is_file():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = find_latest(root)
+        if found is None:
+            raise CheckpointError(f"{path}: no valid checkpoint found (expected a step_* directory with {META})")
+        path = found[0]
+    else:
+        verify(path)
+    config = megahybrid.load_config(yaml.safe_load((path / CONFIG).read_text()))
+    model = megahybrid.build_model(config)
+    load_model(model, str(path / MODEL), strict=True)
+    return model.eval(), config

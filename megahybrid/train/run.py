@@ -1,0 +1,78 @@
+"""`megahybrid train [--config SOURCE] [--out DIR] [key=value ...]`: config -> run dir -> data ->
+model -> loop. Re-running the same command resumes from the newest valid checkpoint in DIR."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import megahybrid
+from megahybrid.config import ConfigError
+from megahybrid.data.loader import Data
+from megahybrid.data.prepare import prepare_run_data
+from megahybrid.train import checkpoint, dist as distributed, loop
+
+
+def make_run_dir(out: str) -> Path:
+    """Create DIR (and parents) and check it is writable; one-line ConfigError if not."""
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{id(run_dir)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out={out!r}: cannot write there ({err.strerror or err}); choose a writable "
+                          "directory") from None
+    return run_dir
+
+
+def print_config(config, run_dir: Path) -> None:
+    """The resolved config, one flow-style YAML line per section (also saved as RUN/config.yaml)."""
+    data = yaml.safe_load(checkpoint.config_yaml(config))
+    print(f"megahybrid {megahybrid.__version__}: run {data.pop('name')!r} in {run_dir}; resolved config:")
+
+    def show(name: str, values: dict) -> None:
+        flat = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        print(f"  {name}: {yaml.safe_dump(flat, default_flow_style=True, width=10**9).strip()}")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                show(f"{name}.{key}", value)
+
+    for section, values in data.items():
+        show(section, values)
+
+
+def train_from_cli(config_source, out_dir, overrides) -> int:
+    start = time.time()
+    config = megahybrid.load_config(config_source, overrides)
+    run_dir = make_run_dir(out_dir)
+    dist = distributed.setup(config.train)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    try:
+        if dist.is_main:
+            print_config(config, run_dir)
+            (run_dir / "config.yaml").write_text(checkpoint.config_yaml(config))
+            prefixes, _ = prepare_run_data(config, run_dir)  # rank 0 trains/tokenizes; the others wait
+        dist.barrier()
+        if not dist.is_main:
+            prefixes, _ = prepare_run_data(config, run_dir, log=lambda *a: None)
+        data = Data(config, prefixes, config.data.weights)
+        if data.valid is None:
+            say("note: no validation split (too few held-out documents for one sequence); validation is off")
+        torch.manual_seed(config.train.seed)
+        model = megahybrid.build_model(config, config.train.backend).to(dist.device)
+        params = sum(p.numel() for p in model.parameters())
+        say(f"model: {params / 1e6:.2f}M parameters on {dist.device} ({str(dist.dtype).removeprefix('torch.')}), "
+            f"world size {dist.world}; data: {data.train_tokens / 1e6:.2f}M training tokens; "
+            f"ready in {time.time() - start:.1f}s", flush=True)
+        return loop.train(config, model, data, run_dir, dist)
+    except (loop.TrainingError, checkpoint.CheckpointError) as err:
+        print(f"megahybrid: training stopped: {err}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()

@@ -1,0 +1,32 @@
+"""Config loading: YAML, presets, dotted overrides, strict typing."""
+
+import pytest
+
+from megahybrid.config import ConfigError, load_config
+
+
+def test_yaml_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: jamba:tiny\nmodel:\n  hidden_size: 96\ntrain:\n  steps: 7\n")
+    cfg = load_config(str(path), ["model.moe.top_k=1", "train.lr=1e-4", "model.mamba2.dt_limit=[0.0, 0.5]"])
+    assert cfg.model.hidden_size == 96 and cfg.train.steps == 7
+    assert cfg.model.moe.top_k == 1 and cfg.train.lr == 1e-4
+    assert cfg.model.mamba2.dt_limit == (0.0, 0.5)
+    assert cfg.model.pattern == "m-mE*-mE"
+
+
+def test_pattern_string_and_short_override_keys():
+    cfg = load_config("(M*)x2", ["hidden_size=128", "attention.num_heads=4"])
+    assert cfg.model.pattern == "(M*)x2" and cfg.model.hidden_size == 128
+
+
+def test_missing_yaml_and_unknown_preset():
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="did you mean jamba"):
+        load_config({"preset": "jambaa"})
+
+
+def test_nested_unknown_key_names_path():
+    with pytest.raises(ConfigError, match=r"model\.attention\.num_head: unknown key; did you mean num_heads"):
+        load_config({"model": {"pattern": "*", "attention": {"num_head": 4}}})

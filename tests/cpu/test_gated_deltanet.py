@@ -1,0 +1,120 @@
+"""Gated DeltaNet (`G`): chunked == recurrent gated delta rule (float64, outputs, final state and
+grads), both == FLA's naive references, the module == HF Qwen3.5's GatedDeltaNet layer, and the
+mixer contract (pieces with state, packed documents) and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megahybrid.config import ConfigError, GatedDeltaNetConfig, ModelConfig
+from megahybrid.mixers.delta_rule import chunked_delta_rule, naive_recurrent_delta_rule
+from megahybrid.mixers.gated_deltanet import GatedDeltaNet
+from tests.cpu.test_delta_rule import (check_packing, check_pieces, delta_inputs, fla_naive, randomize_,
+                                       run_hf_parity)
+from tests.helpers import assert_close
+
+HIDDEN = 32
+
+
+def gdn(**overrides) -> GatedDeltaNet:
+    """A small GQA layer: 2 q/k heads serving 4 v heads, dk 8 != dv 12, chunk 8."""
+    c = dict(num_qk_heads=2, num_v_heads=4, qk_head_dim=8, v_head_dim=12, conv_kernel=4, chunk_size=8)
+    return GatedDeltaNet(ModelConfig(hidden_size=HIDDEN, gdn=GatedDeltaNetConfig(**{**c, **overrides})))
+
+
+@pytest.mark.parametrize("T", [63, 75])
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+def test_chunked_equals_recurrence(chunk, T):
+    inp = delta_inputs(T=T, gated=True)
+    o_ref, s_ref = naive_recurrent_delta_rule(**inp)
+    o, s = chunked_delta_rule(**inp, chunk_size=chunk)
+    assert_close("o", o_ref, o, 1e-10)
+    assert_close("final state", s_ref, s, 1e-10)
+
+
+def test_strong_decay_stays_finite():
+    """Cumulative log-decays over a 64-chunk reach -2000 here; exp of an unmasked or cross-chunk
+    difference would overflow float32 to inf and the result to NaN."""
+    inp = delta_inputs(T=75, gated=True, dtype=torch.float32)
+    inp["g"] = -10.0 - 20.0 * torch.rand_like(inp["g"])
+    o_ref, s_ref = naive_recurrent_delta_rule(**inp)
+    o, s = chunked_delta_rule(**inp, chunk_size=64)
+    assert_close("o", o_ref, o, 1e-5)
+    assert_close("final state", s_ref, s, 1e-5)
+
+
+def test_matches_fla_naive():
+    """FLA's naive references compute in float32 whatever the input, hence the tolerance.
+    Argument orders differ: recurrent (q, k, v, beta, g, ...), chunk (q, k, v, g, beta, ...)."""
+    fla = fla_naive("gated_delta_rule")
+    inp = delta_inputs(T=75, gated=True)
+    q, k, v, beta, g, h0 = (inp[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
+    refs = {
+        "fla recurrent": fla.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0,
+                                                              output_final_state=True),
+        "fla chunk": fla.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=h0,
+                                                      output_final_state=True),
+    }
+    ours = {"naive": naive_recurrent_delta_rule(**inp), "chunked": chunked_delta_rule(**inp, chunk_size=16)}
+    for ref_name, (o_ref, s_ref) in refs.items():
+        for name, (o, s) in ours.items():
+            assert_close(f"{name} o vs {ref_name}", o_ref, o, 2e-5)
+            assert_close(f"{name} state vs {ref_name}", s_ref, s, 2e-5)
+
+
+def test_grads_chunked_equal_recurrence():
+    inp = delta_inputs(T=37, gated=True)
+    dout = torch.randn_like(inp["v"])
+    dstate = torch.randn_like(inp["initial_state"])
+
+    def grads(fn, **kw):
+        leaves = {n: t.clone().requires_grad_() for n, t in inp.items()}
+        o, s = fn(**leaves, **kw)
+        ((o * dout).sum() + (s * dstate).sum()).backward()
+        return {n: t.grad for n, t in leaves.items()}
+
+    ref, out = grads(naive_recurrent_delta_rule), grads(chunked_delta_rule, chunk_size=8)
+    for name in ("q", "k", "v", "beta", "g", "initial_state"):
+        assert_close(f"d{name}", ref[name], out[name], 1e-10)
+
+
+@pytest.mark.parametrize("allow_neg_eigval", [False, True])
+def test_pieces_with_state_equal_whole(allow_neg_eigval):
+    check_pieces(randomize_(gdn(allow_neg_eigval=allow_neg_eigval)), HIDDEN)
+
+
+def test_packed_documents_equal_separate():
+    check_packing(randomize_(gdn()), HIDDEN)
+
+
+def test_flops_per_token():
+    """The projection terms are 2 FLOPs per weight of the layer's linears; the rest is Megatron's
+    conv and core terms."""
+    layer, config = gdn(), ModelConfig(hidden_size=HIDDEN, gdn=GatedDeltaNetConfig(
+        num_qk_heads=2, num_v_heads=4, qk_head_dim=8, v_head_dim=12, conv_kernel=4))
+    linears = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    conv_and_core = 4 * (2 * 2 * 8 + 4 * 12) + 4 * 4 * 8 * 12
+    assert GatedDeltaNet.flops_per_token(config, 4096) == 2 * (linears + conv_and_core)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_qk_heads=3, num_v_heads=4), "model.gdn.num_v_heads"),
+    (dict(num_qk_heads=3, qk_head_dim=None), "model.gdn.num_qk_heads"),  # 32 % 3
+    (dict(qk_head_dim=0), "model.gdn.qk_head_dim"),
+    (dict(v_head_dim=-4), "model.gdn.v_head_dim"),
+    (dict(conv_kernel=0), "model.gdn.conv_kernel"),
+    (dict(chunk_size=0), "model.gdn.chunk_size"),
+])
+def test_check_errors(overrides, field):
+    c = {**dict(num_qk_heads=2, qk_head_dim=8), **overrides}
+    with pytest.raises(ConfigError) as err:
+        GatedDeltaNet.check(ModelConfig(hidden_size=HIDDEN, gdn=GatedDeltaNetConfig(**c)))
+    message = str(err.value)
+    assert message.startswith(f"{field}=") and "\n" not in message, message
+
+
+def test_matches_hf_qwen3_5():
+    """Independent model: HF Qwen3.5's GatedDeltaNet layer (its torch path, float32) on our weights
+    (GQA 2 -> 4 heads, dk 8 != dv 12, T = 75, our chunk 16 vs HF's 64); see `_hf_worker`."""
+    run_hf_parity(kind="gdn", hidden=HIDDEN, Hk=2, Hv=4, dk=8, dv=12, K=4, T=75, seed=0, rtol=1e-5)
