@@ -31,6 +31,12 @@ def cmd_data(args) -> int:
     return prepare_from_cli(args)
 
 
+def cmd_fit(args) -> int:
+    from megahybrid.scaling.cli import fit_from_cli
+
+    return fit_from_cli(args.source, args.out, args.budget)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megahybrid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=int, default=8192)
     prep.add_argument("--json-key", default="text", help="field holding the text in .jsonl files")
     prep.set_defaults(fn=cmd_data)
+    f = sub.add_parser("fit", help="fit scaling laws (Chinchilla approaches 1-3) to a sweep's runs")
+    f.add_argument("source", help="a sweep directory (runs with summary.json) or a .json/.jsonl of records")
+    f.add_argument("--out", default="fits", help="where fits.json, fits.md and the PNG plots go")
+    f.add_argument("--budget", type=float, default=None, help="FLOP budget to give compute-optimal N and D for")
+    f.set_defaults(fn=cmd_fit)
     return p
 
 

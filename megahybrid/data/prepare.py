@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megahybrid.config import ConfigError
 from megahybrid.data import corpus, indexed
 from megahybrid.data import tokenizer as tokenization
 from megahybrid.data.indexed import DataError
@@ -109,8 +108,8 @@ def prepare_from_cli(args) -> int:
     return 0
 
 
-def prepare_run_data(config, run_dir: Path, log=print) -> tuple[list[str], Optional[Path]]:
-    """The dataset prefixes and tokenizer a run trains on.
+def prepare_run_data(config, run_dir: Path, log=print) -> list[str]:
+    """The dataset prefixes a run trains on, preparing the embedded corpus if needed.
 
     - `data.tokenizer` given: it is copied to RUN/tokenizer.json (the run dir is self-contained).
     - no `data.paths`: the embedded corpus, tokenized into RUN/data/ with RUN/tokenizer.json,
@@ -127,7 +126,7 @@ def prepare_run_data(config, run_dir: Path, log=print) -> tuple[list[str], Optio
             shutil.copyfile(d.tokenizer, f"{run_tok}.tmp")
             Path(f"{run_tok}.tmp").replace(run_tok)
     elif d.paths is None and run_tok.is_file():
-        tok = tokenization.load(run_tok, f"{run_tok}")
+        tok = tokenization.load(run_tok, "the run dir's tokenizer")
     elif d.paths is None:
         start = time.time()
         tok = tokenization.train(tokenization.sample(list(corpus.documents(d.corpus_bytes))), vocab)
@@ -136,8 +135,11 @@ def prepare_run_data(config, run_dir: Path, log=print) -> tuple[list[str], Optio
             f"-> {run_tok} ({time.time() - start:.1f}s)")
     if tok is not None:
         tokenization.check_vocab(tok, vocab)
+        if tok.get_vocab_size() < vocab:
+            log(f"note: model.vocab_size={vocab} is larger than the tokenizer's {tok.get_vocab_size()} "
+                "tokens; the extra embedding rows stay unused (padding)")
     if d.paths is not None:
-        return list(d.paths), (run_tok if tok is not None else None)
+        return list(d.paths)
     prefix = run_dir / "data" / f"{corpus.NAME}-{d.corpus_bytes or 'all'}-{tokenization.file_hash(run_tok)}"
     if not indexed.exists(prefix):
         start = time.time()
@@ -145,4 +147,4 @@ def prepare_run_data(config, run_dir: Path, log=print) -> tuple[list[str], Optio
         n_docs, n_tokens = tokenize_to(prefix, corpus.documents(d.corpus_bytes), tok, vocab)
         log(f"tokenized {n_docs} documents of {corpus.root()} -> {n_tokens} tokens in {prefix}.bin "
             f"({time.time() - start:.1f}s)")
-    return [str(prefix)], run_tok
+    return [str(prefix)]

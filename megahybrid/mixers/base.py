@@ -13,6 +13,9 @@ Sequence mixers implement `forward_segment(x, state)` for one unpacked stretch o
 class splits packed rows at document boundaries and runs each document from a fresh state. That
 keeps packing out of every mixer's math: the reference is the oracle, so it favours obvious
 correctness over speed (fast paths pass `cu_seqlens` to their kernels instead).
+In training (`state=None`, `need_state=False`) every document of every row goes into one
+right-padded batch and one `forward_segment` call: mixers are causal, so padding after a document
+cannot reach its outputs; the states, which padding would disturb, are then not returned.
 Channel mixers (MLP, MoE) act per token, so they set `token_wise = True` and ignore boundaries.
 """
 
@@ -32,9 +35,14 @@ class Mixer(nn.Module):
     token_wise: ClassVar[bool] = False
     """True for channel mixers (MLP, MoE): no state, no interaction between positions."""
 
-    def forward(self, x: torch.Tensor, state: State = None, seq_idx: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, state: State = None, seq_idx: Optional[torch.Tensor] = None,
+                need_state: bool = True):
+        """`need_state=False` returns state None (and lets packed rows take the batched path)."""
         if seq_idx is None or self.token_wise:
-            return self.forward_segment(x, state)
+            y, state = self.forward_segment(x, state)
+            return y, (state if need_state else None)
+        if state is None and not need_state:
+            return run_documents_padded(self.forward_segment, x, seq_idx), None
         return run_per_document(self.forward_segment, x, state, seq_idx)
 
     def forward_segment(self, x: torch.Tensor, state: State = None):
@@ -106,3 +114,20 @@ def run_per_document(fn, x: torch.Tensor, state: State, seq_idx: torch.Tensor):
         for j, row in enumerate(rows):
             row_states[row] = slice_state(s, slice(j, j + 1))
     return y, cat_states(row_states)
+
+
+def run_documents_padded(fn, x: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Outputs of `fn` run on every packed document from a fresh state, in one batched call:
+    documents are gathered into a right-padded `[num_docs, longest, hidden]` batch."""
+    B, T = seq_idx.shape
+    new_doc = torch.ones_like(seq_idx, dtype=torch.bool)
+    new_doc[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    flat_start = new_doc.flatten()
+    doc = torch.cumsum(flat_start.long(), 0) - 1  # document number of every token, over all rows
+    starts = torch.nonzero(flat_start).flatten()
+    pos = torch.arange(B * T, device=x.device) - starts[doc]  # offset inside its document
+    lengths = torch.bincount(doc)
+    padded = x.new_zeros(len(lengths), int(lengths.max()), x.shape[-1])
+    padded[doc, pos] = x.reshape(B * T, -1)
+    out, _ = fn(padded, None)
+    return out[doc, pos].reshape(x.shape)

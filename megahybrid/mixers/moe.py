@@ -34,7 +34,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megahybrid.config import MLPConfig, fail

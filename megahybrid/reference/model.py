@@ -26,8 +26,8 @@ class Block(nn.Module):
         self.norm = make_norm(config)
         self.mixer = REGISTRY[spec.symbol].cls()(config, index=spec.index, shared=shared)
 
-    def forward(self, x, state=None, seq_idx=None):
-        y, state = self.mixer(self.norm(x), state, seq_idx)
+    def forward(self, x, state=None, seq_idx=None, need_state=True):
+        y, state = self.mixer(self.norm(x), state, seq_idx, need_state)
         return x + y, state
 
 
@@ -61,7 +61,7 @@ class ReferenceLM(nn.Module):
             x = x * m.embedding_scale
         new_state = []
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, None if state is None else state[i], seq_idx)
+            x, s = layer(x, None if state is None else state[i], seq_idx, return_state)
             new_state.append(s)
         x = self.final_norm(x)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight

@@ -1,14 +1,14 @@
 """Scaling-law fits (Chinchilla approaches 1-3, one fit per layer pattern) and their report.
 
-    from megahybrid.scaling import fit_scaling_laws, write_report
+    from megahybrid.scaling import compute_optimal, fit_scaling_laws, write_report
     fits = fit_scaling_laws(records)            # {pattern: PatternFit}
-    fits["MMM*"].compute_optimal(1e21)          # N_opt, D_opt per approach
+    compute_optimal(fits, 1e21)                 # {pattern: {approach: {"N", "D"}}}
     write_report(fits, "out/", budget=1e21)     # fits.json, fits.md, PNG plots
 
 Record format: `fit.py`; sweep-directory format (summary.json): `cli.py`.
 """
 
-from megahybrid.scaling.fit import FitError, PatternFit, fit_scaling_laws, read_records
+from megahybrid.scaling.fit import FitError, PatternFit, compute_optimal, fit_scaling_laws, read_records
 from megahybrid.scaling.report import write_report
 
-__all__ = ["FitError", "PatternFit", "fit_scaling_laws", "read_records", "write_report"]
+__all__ = ["FitError", "PatternFit", "compute_optimal", "fit_scaling_laws", "read_records", "write_report"]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megahybrid.scaling.fit import FitError, fit_scaling_laws
-from megahybrid.scaling.report import format_table, write_report
+from megahybrid.scaling.report import write_report
 
 SUMMARY_KEYS = ("name", "pattern", "params", "flops_per_token", "tokens", "final_loss")
 
@@ -42,7 +42,7 @@ def fit_from_cli(run_dir_or_json, out_dir, budget: float | None = None,
         records = load_records(run_dir_or_json)
         fits = fit_scaling_laws(records, approaches=approaches, n_boot=n_boot)
         paths = write_report(fits, out_dir, budget)
-    except (FitError, FileNotFoundError, json.JSONDecodeError) as err:
+    except (FitError, FileNotFoundError) as err:
         print(f"megahybrid fit: {err}", file=sys.stderr)
         return 2
     print(paths["fits.md"].read_text())
@@ -57,9 +57,12 @@ def load_records(source) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such file or directory; give a sweep directory or a .json/.jsonl file of run records")
     if path.is_dir():
         return read_sweep_dir(path)
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = json.loads(path.read_text())
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FitError(f"{path}: not valid JSON ({err}); expected a JSON list or JSONL of run records") from None
     if not isinstance(records, list):
         raise FitError(f"{path}: holds a {type(records).__name__}; expected a JSON list of run records")
     return records
@@ -67,12 +70,18 @@ def load_records(source) -> list[dict]:
 
 def read_sweep_dir(sweep: Path) -> list[dict]:
     """Records of every finished run (subdirectory with summary.json) of a sweep."""
-    records, skipped = [], []
+    records, skipped, seen = [], [], {}
     for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
         if not (run / "summary.json").exists():
             skipped.append(run.name)
             continue
-        records += read_run(run)
+        run_records = read_run(run)
+        name = run_records[0]["name"]
+        if name in seen:  # points of one name are one training curve
+            raise FitError(f"{run / 'summary.json'}: name={name!r} is also the name of {seen[name]}; "
+                           "give every run of the sweep its own name")
+        seen[name] = run
+        records += run_records
     if skipped:
         print(f"megahybrid fit: skipped {len(skipped)} run(s) without summary.json (unfinished?): "
               + ", ".join(skipped), file=sys.stderr)

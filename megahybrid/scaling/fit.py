@@ -25,8 +25,10 @@ Which points each approach uses:
 1. Envelope (approach 1): every point. For each FLOP value, the run with the lowest loss
    there gives (N, D); N_opt = a0 C^a and D_opt = b0 C^b are fitted in log space on these
    envelope points. With training curves (runs with several points) the FLOP values are
-   1500 log-spaced values, as in the paper, and losses are interpolated in log C; when every
-   run has one point, the FLOP values are the budgets.
+   1500 log-spaced values, as in the paper, and losses are interpolated in log C (runs with
+   a single point are then left out of approach 1). When every run has one point, the FLOP
+   values are the budgets and N_opt can only be one of the sizes trained at each budget, so
+   the exponent is coarse: approach 1 wants training curves.
 2. IsoFLOP (approach 2): the final point of each run, grouped by budget. Per budget a
    parabola of loss against ln N; its vertex gives N_opt and D_opt = C / (k N_opt); then
    power laws in C as above.
@@ -36,7 +38,8 @@ Which points each approach uses:
 
 k is the FLOPs per parameter per token of the pattern, the median of C / (N D) over its
 points: 6 when the records use C = 6 N D, larger when attention FLOPs are counted. With
-k = 6 this is the paper's D_opt = C / (6 N_opt).
+k = 6 this is the paper's D_opt = C / (6 N_opt). When C / (N D) varies much across sizes
+(tiny models, whose LM-head FLOPs are not in a non-embedding N), the report says so.
 
 Final points that share pattern, params and tokens (a learning-rate sweep) are reduced to the
 lowest loss: scaling laws are fitted to the best-tuned run of each size.
@@ -76,14 +79,17 @@ INIT_GRID = {
 """Initialisation grid of approach 3 (Chinchilla appendix D.2), with A = exp(a), B = exp(b),
 E = exp(e): 4500 starting points."""
 
-N_STARTS = 32
-"""L-BFGS runs of one approach-3 fit: from the best N_STARTS grid points by objective value.
-The paper runs L-BFGS from every grid point; the best few reach the same optimum on the
-synthetic laws of tests/cpu/test_scaling_fit.py at 1/140 of the cost."""
+N_STARTS = 16
+"""L-BFGS runs of one approach-3 fit: from the N_STARTS grid points with the lowest objective.
+The paper runs L-BFGS from all 4500. Measured on the synthetic laws of
+tests/cpu/test_scaling_fit.py (noise 0.2-3%, 27-64 runs): about half of the best 64 grid
+points reach the best optimum and the single best one always did, so 16 leaves a wide margin
+at 1/280 of the cost."""
 
-N_BOOT_STARTS = 2
-"""L-BFGS runs per bootstrap refit: the full-data optimum plus the best N_BOOT_STARTS - 1
-grid points of the full data."""
+N_BOOT_STARTS = 1
+"""L-BFGS runs per bootstrap refit: the full-data optimum, then the best N_BOOT_STARTS - 1
+grid points of the full data. Adding the best grid point gave the same intervals to 4 digits
+on the same synthetic sets at 2.5x the cost."""
 
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
 
@@ -272,10 +278,9 @@ def fit_envelope(points: Sequence[Point]) -> EnvelopeFit:
         covered = np.isfinite(loss)
     win = np.argmin(loss, axis=0)
     cols = np.arange(grid.size)
-    n_cov = np.where(covered, n[:, None], np.nan)
-    with np.errstate(invalid="ignore"):
-        bracketed = (n[win] > np.nanmin(n_cov, axis=0)) & (n[win] < np.nanmax(n_cov, axis=0))
-    keep = covered[win, cols] & bracketed
+    smallest = np.where(covered, n[:, None], np.inf).min(axis=0)
+    largest = np.where(covered, n[:, None], -np.inf).max(axis=0)
+    keep = covered[win, cols] & (n[win] > smallest) & (n[win] < largest)
     if len(set(n[win][keep])) < 2:
         raise FitError(f"approach 1, pattern {pattern!r}: {len(set(n[win][keep]))} model size(s) win "
                        "the loss envelope away from the smallest/largest size trained; needs >= 2 — "
@@ -399,7 +404,7 @@ def _single_threaded_blas():
     """Run scipy's OpenBLAS on one thread inside the block.
 
     scipy's L-BFGS-B calls BLAS on 5-element vectors; with OpenBLAS threads on a loaded
-    2-core machine 32 fits took 13.2 s, on one thread 1.9 s (measured while writing this,
+    2-core machine 32 L-BFGS runs took 13.2 s, on one thread 1.9 s (measured while writing this,
     scipy 1.18.1 wheel). Without a scipy OpenBLAS wheel (e.g. conda builds) this does nothing."""
     libs = Path(scipy.__file__).parent.with_name("scipy.libs").glob("libscipy_openblas*.so")
     lib = next((ctypes.CDLL(str(p)) for p in libs), None)
@@ -499,8 +504,8 @@ def fit_parametric(points: Sequence[Point], n_boot: int = 200, seed: int = 0,
     with _single_threaded_blas():
         theta, value = _lbfgs_best(starts, ln_n, ln_d, ln_l)
         # Bootstrap over runs: resample the final points with replacement and refit, from
-        # the full-data optimum and the best grid starts (ranking the grid per resample
-        # would cost more than the refit itself).
+        # the full-data optimum (N_BOOT_STARTS); ranking the grid again per resample would
+        # cost more than the refit itself.
         boot_starts = np.vstack([theta, starts[: N_BOOT_STARTS - 1]])
         boot = np.empty((n_boot, 5))
         for i in range(n_boot):
@@ -526,6 +531,12 @@ class PatternFit:
     approach2: IsoFlopFit | None = None
     approach3: ParametricFit | None = None
 
+    def k_range(self) -> tuple[float, float]:
+        """Smallest and largest C / (N D) over the points. A wide range means FLOPs are not
+        proportional to N (LM head, attention at small sizes) and C = k N D is approximate."""
+        ratios = [p.flops / (p.params * p.tokens) for p in self.points]
+        return min(ratios), max(ratios)
+
     def compute_optimal(self, flops: float) -> dict[str, dict]:
         """Compute-optimal N and D at budget C from each fitted approach; approach 3 also
         gives the bootstrap interval of N and D."""
@@ -545,7 +556,8 @@ class PatternFit:
 
     def to_dict(self, budget: float | None = None) -> dict:
         out: dict[str, Any] = {"pattern": self.pattern, "n_points": len(self.points),
-                               "n_runs": len(group_by_run(self.points)), "flops_per_param_token": self.k}
+                               "n_runs": len(group_by_run(self.points)), "flops_per_param_token": self.k,
+                               "flops_per_param_token_range": list(self.k_range())}
         for name in ("approach1", "approach2", "approach3"):
             fit = getattr(self, name)
             out[name] = None if fit is None else fit.to_dict()
@@ -571,6 +583,12 @@ def fit_scaling_laws(records: Iterable[Mapping[str, Any]] | Sequence[Point],
             approach2=fit_isoflop(pts) if 2 in approaches else None,
             approach3=fit_parametric(pts, n_boot=n_boot, seed=seed) if 3 in approaches else None)
     return fits
+
+
+def compute_optimal(fits: Mapping[str, PatternFit], flops: float) -> dict[str, dict[str, dict]]:
+    """{pattern: {approach: {"N", "D", ...}}}: the compute-optimal N and D at budget `flops`
+    from each fitted approach of each pattern (see PatternFit.compute_optimal)."""
+    return {pattern: fit.compute_optimal(flops) for pattern, fit in fits.items()}
 
 
 def _one_pattern(points: Sequence[Point]) -> str:

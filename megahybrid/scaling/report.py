@@ -19,6 +19,9 @@ from matplotlib.lines import Line2D
 
 from megahybrid.scaling.fit import PatternFit, group_by_run
 
+K_SPREAD = 1.1
+"""fits.md notes a pattern whose C / (N D) varies by more than this factor across its runs."""
+
 APPROACH_STYLE = {"approach1": ":", "approach2": "--", "approach3": "-"}
 
 
@@ -76,6 +79,11 @@ def format_table(fits: dict[str, PatternFit], budget: float | None = None) -> st
         if budgets:
             lines += ["", f"Approach 2, `{pattern}`: the parabola's minimum lies outside the sizes trained "
                       f"(extrapolated) at C = {', '.join(budgets)}; add sizes there to bracket the optimum."]
+    for pattern in sorted(fits):
+        lo, hi = fits[pattern].k_range()
+        if hi > K_SPREAD * lo:
+            lines += ["", f"`{pattern}`: C / (N D) ranges from {lo:.3g} to {hi:.3g} over the runs (FLOPs not "
+                      f"proportional to N); D_opt = C / (k N_opt) uses the median k = {fits[pattern].k:.3g}."]
     if budget is not None:
         lines += ["", f"## Compute-optimal at C = {budget:.3g} FLOPs", "",
                   "| pattern | approach | N_opt | D_opt | D/N |", "|---|---|---|---|---|"]
@@ -130,8 +138,7 @@ def plot_loss_vs_flops(fits, colours, budget=None) -> Figure:
             pts.sort(key=lambda p: p.flops)
             ax.plot([p.flops for p in pts], [p.loss for p in pts], "o-", color=colour, ms=3, lw=0.8, alpha=0.6)
         if f.approach1 is not None:
-            ax.scatter(f.approach1.flops, f.approach1.loss, s=10, color=colour, edgecolors="k",
-                       linewidths=0.4, zorder=3)
+            ax.scatter(f.approach1.flops, f.approach1.loss, s=8, color=colour, edgecolors="none", zorder=3)
         if f.approach3 is not None:
             c = np.geomspace(min(p.flops for p in f.points), max(p.flops for p in f.points), 100)
             ax.plot(c, f.approach3.loss(*f.approach3.optimum(c, f.k)), "--", color=colour, lw=1.5)

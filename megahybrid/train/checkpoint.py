@@ -83,10 +83,10 @@ def _load_optimizer(optimizer, path: Path, device) -> None:
 def save(root: Path, step: int, model, optimizer, config, meta: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically under `root`; prune to the newest `keep_last`."""
     root.mkdir(parents=True, exist_ok=True)
+    for junk in [*root.glob(".tmp-*"), *root.glob(".stale-*")]:  # left by a writer that was killed
+        shutil.rmtree(junk, ignore_errors=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL))
     tensors, header = _optimizer_tensors(optimizer)
@@ -109,7 +109,7 @@ def save(root: Path, step: int, model, optimizer, config, meta: dict, keep_last:
         shutil.rmtree(stale)
     tmp.rename(final)
     _fsync(root)
-    for old in checkpoints(root)[keep_last:]:
+    for old in checkpoints(root)[max(1, keep_last):]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -139,6 +139,18 @@ def verify(path: Path) -> dict:
         if _sha256(file) != files[name]["sha256"]:
             raise CheckpointError(f"{name} checksum mismatch (corrupt)")
     return meta
+
+
+def config_changes(path: Path, config) -> list[str]:
+    """Dotted names of the fields where `config` differs from the checkpoint's config.yaml."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(yaml.safe_load((path / CONFIG).read_text())), flat(yaml.safe_load(config_yaml(config)))
+    return [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
 
 
 def find_latest(root: Path, warn=None) -> Optional[tuple[Path, dict]]:

@@ -64,6 +64,14 @@ class Dist:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` (any picklable value made by this program), on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             torch_dist.barrier()

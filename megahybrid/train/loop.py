@@ -125,12 +125,14 @@ def train(config, model: torch.nn.Module, data, run_dir: Path, dist: Dist) -> in
     found = checkpoint.find_latest(ckpt_root, warn=None if dist.is_main else (lambda msg: None))
     meta = {"step": 0, "elapsed": 0.0, "bad_steps": 0}
     if found:
-        checkpoint.restore(found[0], model, optimizer, dist.device)
-        meta = found[1]
-        say(f"resumed from {found[0]} (step {meta['step']})", flush=True)
+        path, meta = found
+        checkpoint.restore(path, model, optimizer, dist.device)
+        changed = checkpoint.config_changes(path, config)
+        say(f"resumed from {path} (step {meta['step']})"
+            + (f"; config changed since: {', '.join(changed)}" if changed else ""), flush=True)
     start, bad = meta["step"], meta["bad_steps"]
     if start >= t.steps:
-        say(f"already trained {start}/{t.steps} steps ({found[0]}); nothing to do")
+        say(f"already trained {start}/{t.steps} steps; nothing to do")
         return 0
     tokens_per_step = t.global_batch_size * t.seq_len
     peak = flops.peak_flops(torch.cuda.get_device_name(dist.device)) if dist.device.type == "cuda" else None

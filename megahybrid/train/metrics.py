@@ -55,7 +55,7 @@ class Metrics:
         self.path = run_dir / "metrics.jsonl"
         truncate(self.path, start_step)
         self.file = open(self.path, "a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def elapsed(self) -> float:
         return self.base_elapsed + time.perf_counter() - self.start

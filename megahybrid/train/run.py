@@ -3,6 +3,7 @@ model -> loop. Re-running the same command resumes from the newest valid checkpo
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ def make_run_dir(out: str) -> Path:
     run_dir = Path(out)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{id(run_dir)}"
+        probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -54,13 +55,12 @@ def train_from_cli(config_source, out_dir, overrides) -> int:
     dist = distributed.setup(config.train)
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        if dist.is_main:
+        prefixes = None
+        if dist.is_main:  # rank 0 writes the run dir; the other ranks wait for its dataset paths
             print_config(config, run_dir)
             (run_dir / "config.yaml").write_text(checkpoint.config_yaml(config))
-            prefixes, _ = prepare_run_data(config, run_dir)  # rank 0 trains/tokenizes; the others wait
-        dist.barrier()
-        if not dist.is_main:
-            prefixes, _ = prepare_run_data(config, run_dir, log=lambda *a: None)
+            prefixes = prepare_run_data(config, run_dir)
+        prefixes = dist.broadcast(prefixes)
         data = Data(config, prefixes, config.data.weights)
         if data.valid is None:
             say("note: no validation split (too few held-out documents for one sequence); validation is off")

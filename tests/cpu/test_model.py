@@ -18,16 +18,22 @@ def model():
     return build_model(cfg).double().eval()
 
 
-def test_packed_equals_separate(model):
-    lengths = [5, 17, 9]
-    ids = torch.randint(0, model.config.vocab_size, (1, sum(lengths)))
-    seq_idx = cu_seqlens_to_seq_idx(torch.tensor([0, 5, 22, 31]))
-    packed = model(ids, seq_idx=seq_idx)
-    start = 0
-    for n in lengths:
-        alone = model(ids[:, start:start + n])
-        assert_close(f"document at {start}", alone, packed[:, start:start + n], 1e-10)
-        start += n
+@pytest.mark.parametrize("return_state", [False, True], ids=["batched-padded", "per-document"])
+def test_packed_equals_separate(model, return_state):
+    """Two rows packed differently: each document equals its own run. (Both rows end in 9-token
+    documents so the per-document path can stack their attention caches into one state.)"""
+    rows = [[5, 17, 9], [13, 9, 9]]
+    ids = torch.randint(0, model.config.vocab_size, (2, 31))
+    seq_idx = torch.cat([cu_seqlens_to_seq_idx(torch.tensor([0, *torch.tensor(r).cumsum(0).tolist()]))
+                         for r in rows])
+    packed = model(ids, seq_idx=seq_idx, return_state=return_state)
+    packed = packed[0] if return_state else packed
+    for b, lengths in enumerate(rows):
+        start = 0
+        for n in lengths:
+            alone = model(ids[b:b + 1, start:start + n])
+            assert_close(f"row {b} document at {start}", alone, packed[b:b + 1, start:start + n], 1e-10)
+            start += n
 
 
 def test_pieces_with_state_equal_whole(model):
