@@ -37,6 +37,41 @@ def cmd_fit(args) -> int:
     return fit_from_cli(args.source, args.out, args.budget)
 
 
+def cmd_sweep(args) -> int:
+    from megahybrid.scaling.sweep import sweep_from_cli
+
+    return sweep_from_cli(args)
+
+
+def cmd_launch(args) -> int:
+    from megahybrid import launch
+
+    try:
+        return launch.main(args)
+    except launch.LaunchError as err:
+        print(f"megahybrid launch: {err}", file=sys.stderr)
+        return 2
+
+
+def add_launch_parser(sub) -> None:
+    from megahybrid.launch import add_slurm_options
+
+    launch = sub.add_parser("launch", help="train with torchrun on this machine, or submit to Slurm")
+    kinds = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    t = kinds.add_parser("torchrun", help="run torchrun here (launch/torchrun.sh)")
+    t.add_argument("--nproc-per-node", type=int, required=True, help="trainer processes on this machine")
+    t.add_argument("--nnodes", type=int, default=1, help="machines; run the same command on each")
+    t.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first machine (when --nnodes > 1)")
+    t.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
+    s = kinds.add_parser("slurm", help="render launch/slurm.sbatch and submit it with sbatch")
+    add_slurm_options(s)
+    for k in (t, s):
+        k.add_argument("--out", default="runs/default", help="run directory (a requeued job resumes from it)")
+        k.add_argument("config", help="YAML path, preset name or pattern")
+        k.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    launch.set_defaults(fn=cmd_launch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megahybrid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="fits", help="where fits.json, fits.md and the PNG plots go")
     f.add_argument("--budget", type=float, default=None, help="FLOP budget to give compute-optimal N and D for")
     f.set_defaults(fn=cmd_fit)
+
+    sw = sub.add_parser("sweep", help="train a grid of runs for scaling-law fits (resumable; see configs/sweeps/)")
+    sw.add_argument("sweep", help="sweep YAML (format: megahybrid/scaling/sweep.py)")
+    sw.add_argument("--out", required=True, help="sweep directory: one run directory per run; re-running skips finished runs")
+    sw.add_argument("--dry-run", action="store_true", help="print the runs (params, steps, tokens, FLOPs) and exit")
+    sw.add_argument("--task", type=int, default=None, help="train only run TASK (a Slurm array element's index)")
+    sw.add_argument("--slurm", nargs=argparse.REMAINDER, default=None, metavar="LAUNCH_ARGS",
+                    help="submit the unfinished runs as a Slurm job array via `megahybrid launch slurm`; "
+                         "the rest of the line goes to it")
+    sw.set_defaults(fn=cmd_sweep)
+    add_launch_parser(sub)
     return p
 
 

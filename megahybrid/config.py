@@ -271,7 +271,11 @@ class ParallelConfig:
     etp: Optional[int] = None
     """Expert tensor-parallel size; None = tp."""
     cp: int = 1
-    """Context-parallel size."""
+    """Context-parallel size: each sequence is split over `cp` ranks; recurrent mixers pass state
+    between them (`megahybrid/parallel/`). train.seq_len must divide into the CP slots."""
+    cp_layout: Literal["contiguous", "zigzag"] = "contiguous"
+    """Tokens per CP rank: one contiguous piece, or pieces r and 2cp-1-r (Transformer Engine's
+    load-balanced order for causal attention; `megahybrid/parallel/__init__.py` weighs the two)."""
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     recompute: Literal["none", "selective", "full"] = "none"
@@ -521,5 +525,10 @@ def validate(config: Config) -> None:
     for name in ("tp", "pp", "ep", "cp"):
         if getattr(p, name) < 1:
             fail(f"parallel.{name}", getattr(p, name), "must be >= 1")
+    slots = p.cp * (2 if p.cp_layout == "zigzag" else 1)
+    if t.seq_len % slots:
+        fail("train.seq_len", t.seq_len,
+             f"must be divisible by {slots} (parallel.cp={p.cp}, cp_layout={p.cp_layout!r}: every CP slot "
+             f"holds an equal piece of the sequence); use {-(-t.seq_len // slots) * slots} or change parallel.cp")
     if p.sequence_parallel and p.tp == 1:
         fail("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false or raise tp")

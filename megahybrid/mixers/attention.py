@@ -1,7 +1,8 @@
 """Softmax attention (`*`) and sliding-window attention (`w`): MHA/GQA, RoPE, QK-norm, output gate.
 
 Reference math, not a fast path: `attention_core` writes the scores, the mask and the softmax out
-explicitly, so it can serve as the oracle for SDPA / flash / TE kernels (the Hymba mixer imports it).
+explicitly, so it can serve as the oracle for SDPA / flash / TE kernels. `attend_heads` adds QK-norm,
+RoPE and the KV cache around it; the Hymba mixer uses it for its attention heads.
 
 Layout of one layer (`[B, T, hidden]` in and out):
     q, gate = q_proj(x) per head [q_h, gate_h]   (gate only with `output_gate`, Qwen3-Next layout)
@@ -72,6 +73,38 @@ def attention_mask(Tq: int, Tk: int, offset: int, window: Optional[int], device=
     return visible
 
 
+def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State, *,
+                 q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], rope_theta: float,
+                 rotary_fraction: float, window: Optional[int], scale: float):
+    """QK-norm, RoPE, KV cache and `attention_core`: the per-head output before any output gate or
+    projection, shared by `Attention` (then gate, o_proj) and Hymba's attention heads (then its norm).
+
+    q `[B, T, Hq, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` (new tokens only; norms None = no
+    QK-norm) -> (o `[B, T, Hq, Dv]`, state). The state follows the module docstring: full attention
+    keeps every past token; a window keeps the last window-1 and adds "pos" (tokens seen), which
+    then gives the position of the first new token instead of the cache length.
+    """
+    B, T = q.shape[:2]
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    cached = 0 if state is None else state["k"].shape[1]
+    if state is not None and "pos" in state:
+        start = state["pos"].to(device=q.device, dtype=torch.long)  # [B]: position of the first new token
+    else:
+        start = torch.full((B,), cached, dtype=torch.long, device=q.device)
+    positions = start[:, None] + torch.arange(T, device=q.device)
+    q = rotary(q, positions, rope_theta, rotary_fraction)
+    k = rotary(k, positions, rope_theta, rotary_fraction)
+    if state is not None:
+        k = torch.cat([state["k"].to(k.dtype), k], dim=1)
+        v = torch.cat([state["v"].to(v.dtype), v], dim=1)
+    o = attention_core(q, k, v, causal_offset=cached, window=window, scale=scale)
+    if window is None:
+        return o, {"k": k, "v": v}
+    keep = max(0, k.shape[1] - (window - 1))  # slice start; window=1 keeps nothing
+    return o, {"k": k[:, keep:], "v": v[:, keep:], "pos": start + T}
+
+
 def _model_config(config):
     """Accept a Config or a ModelConfig (check() is called with either)."""
     return getattr(config, "model", config)
@@ -123,37 +156,16 @@ class Attention(Mixer):
         return q, gate, k, v
 
     def attend(self, q, gate, k, v, state: State = None):
-        """Norm, RoPE, cache, attention core, gate, o_proj: projected heads -> `(y, state)`."""
+        """`attend_heads`, then gate and o_proj: projected heads -> `(y, state)`."""
         B, T = q.shape[:2]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cached = 0 if state is None else state["k"].shape[1]
-        start = self._start_positions(state, B, cached, q.device)  # [B]: position of the first new token
-        positions = start[:, None] + torch.arange(T, device=q.device)
-        q = rotary(q, positions, self.rope_theta, self.rotary_fraction)
-        k = rotary(k, positions, self.rope_theta, self.rotary_fraction)
-        if state is not None:
-            k = torch.cat([state["k"].to(k.dtype), k], dim=1)
-            v = torch.cat([state["v"].to(v.dtype), v], dim=1)
-        o = attention_core(q, k, v, causal_offset=cached, window=self.window, scale=self.scale)
+        o, state = attend_heads(q, k, v, state, q_norm=self.q_norm, k_norm=self.k_norm, rope_theta=self.rope_theta,
+                                rotary_fraction=self.rotary_fraction, window=self.window, scale=self.scale)
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        y = self.o_proj(o.reshape(B, T, -1))
-        return y, self._next_state(k, v, start + T)
+        return self.o_proj(o.reshape(B, T, -1)), state
 
     def forward_segment(self, x: torch.Tensor, state: State = None):
         return self.attend(*self.project(x), state)
-
-    def _start_positions(self, state: State, batch: int, cached: int, device) -> torch.Tensor:
-        if state is not None and "pos" in state:
-            return state["pos"].to(device=device, dtype=torch.long)
-        return torch.full((batch,), cached, dtype=torch.long, device=device)
-
-    def _next_state(self, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> dict:
-        if self.window is None:
-            return {"k": k, "v": v}
-        keep = max(0, k.shape[1] - (self.window - 1))  # slice start; window=1 keeps nothing
-        return {"k": k[:, keep:], "v": v[:, keep:], "pos": seen}
 
     # ------------------------------------------------------------------------- config, FLOPs
 

@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 
 from megahybrid.config import fail
-from megahybrid.mixers.attention import Attention, attention_core, mean_keys
+from megahybrid.mixers.attention import Attention, attend_heads, mean_keys
 from megahybrid.mixers.base import State
-from megahybrid.mixers.common import RMSNorm, linear, rotary
+from megahybrid.mixers.common import RMSNorm, linear
 from megahybrid.mixers.mamba2 import SSDHeads, check_ssd, ssd_sizes
 
 
@@ -65,7 +65,8 @@ class Hymba(SSDHeads):
         if a.qk_norm:
             self.q_norm = RMSNorm(self.qk_dim, config.norm_eps, config.zero_centered_norm)
             self.k_norm = RMSNorm(self.qk_dim, config.norm_eps, config.zero_centered_norm)
-        self.qk_norm = a.qk_norm
+        else:
+            self.q_norm = self.k_norm = None
         self.out_proj = linear(self.d_inner, config.hidden_size, std, bias=bias)
 
     def forward_segment(self, x: torch.Tensor, state: State = None):
@@ -74,33 +75,11 @@ class Hymba(SSDHeads):
         q = q.view(B, T, self.num_heads, self.qk_dim)
         k = k.view(B, T, self.num_kv_heads, self.qk_dim)
         v = v.view(B, T, self.num_kv_heads, self.v_dim)
-        o, kv_state = self.attend(q, k, v, state)
+        o, kv_state = attend_heads(q, k, v, state, q_norm=self.q_norm, k_norm=self.k_norm, rope_theta=self.rope_theta,
+                                   rotary_fraction=self.rotary_fraction, window=self.window, scale=self.scale)
         y, ssm_state = self.ssd_branch(zxbcdt, state)
         out = self.out_proj((self.attn_norm(o.reshape(B, T, self.d_inner)) + y) / 2)
         return out, {**ssm_state, **kv_state}
-
-    def attend(self, q, k, v, state: State):
-        """QK-norm, RoPE, KV cache and `attention.attention_core`; the cache follows `Attention`'s
-        contract (full: every past token; window: the last window-1 plus "pos", tokens seen)."""
-        B, T = q.shape[:2]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cached = 0 if state is None else state["k"].shape[1]
-        if state is not None and "pos" in state:
-            start = state["pos"].to(device=q.device, dtype=torch.long)
-        else:
-            start = torch.full((B,), cached, dtype=torch.long, device=q.device)
-        positions = start[:, None] + torch.arange(T, device=q.device)
-        q = rotary(q, positions, self.rope_theta, self.rotary_fraction)
-        k = rotary(k, positions, self.rope_theta, self.rotary_fraction)
-        if state is not None:
-            k = torch.cat([state["k"].to(k.dtype), k], dim=1)
-            v = torch.cat([state["v"].to(v.dtype), v], dim=1)
-        o = attention_core(q, k, v, causal_offset=cached, window=self.window, scale=self.scale)
-        if self.window is None:
-            return o, {"k": k, "v": v}
-        keep = max(0, k.shape[1] - (self.window - 1))
-        return o, {"k": k[:, keep:], "v": v[:, keep:], "pos": start + T}
 
     @classmethod
     def check(cls, config) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megahybrid.config import AttentionConfig, ConfigError, ModelConfig
 from megahybrid.mixers.attention import Attention, SlidingWindowAttention, attention_core
 from tests.helpers import assert_close
+from tests.mixer_checks import check_grads, check_packing, check_pieces
 
 F64 = torch.float64
 HIDDEN = 24
@@ -128,14 +129,10 @@ def test_layer_matches_hand_reference(name):
     """Output and every gradient == the hand-written layer (covers the output gate and QK-norm)."""
     m = build(Attention, make_config(**CONFIGS[name]))
     x = torch.randn(2, 11, HIDDEN, dtype=F64, requires_grad=True)
-    g = torch.randn(2, 11, HIDDEN, dtype=F64)
     ref = reference_layer(m, x, band(11, None))
-    ref_grads = torch.autograd.grad((ref * g).sum(), [x, *m.parameters()])
     out, _ = m(x)
-    grads = torch.autograd.grad((out * g).sum(), [x, *m.parameters()])
     assert_close("y", ref, out, 1e-12)
-    for (pname, _), r, o in zip([("x", x), *m.named_parameters()], ref_grads, grads):
-        assert_close(f"grad {pname}", r, o, 1e-11)
+    check_grads(ref, out, {"x": x, **dict(m.named_parameters())}, 1e-11)
 
 
 def test_output_gate_rows_interleaved_per_head():
@@ -217,20 +214,9 @@ def test_sliding_window_matches_banded_mask(window):
 ])
 def test_pieces_with_state_equal_whole(cls, window, pieces):
     cfg = make_config(window=window or 4096, qk_norm=True, rotary_fraction=0.5, output_gate=True)
-    m = build(cls, cfg)
     x = torch.randn(2, sum(pieces), HIDDEN, dtype=F64)
-    whole, whole_state = m(x)
-    outs, state, start = [], None, 0
-    for n in pieces:
-        y, state = m(x[:, start:start + n], state)
-        outs.append(y)
-        start += n
-    assert_close("y", whole, torch.cat(outs, dim=1), 1e-10)
-    assert set(state) == set(whole_state)
-    for key in state:
-        assert state[key].shape == whole_state[key].shape, key
-        if state[key].numel():  # window 1 keeps an empty cache
-            assert_close(f"state {key}", whole_state[key].double(), state[key].double(), 1e-10)
+    cuts = [sum(pieces[:i]) for i in range(1, len(pieces))]
+    state = check_pieces(build(cls, cfg), x, cuts, rtol=1e-10)  # window 1 keeps an empty cache
     if window is not None:
         assert state["k"].shape[1] == window - 1 and state["pos"].tolist() == [sum(pieces)] * 2
 
@@ -241,16 +227,8 @@ def test_pieces_with_state_equal_whole(cls, window, pieces):
 def test_packed_equals_separate_full_attention():
     """3 documents (5, 17, 9) in each of 2 rows == each document alone; the state is the last one's."""
     m = build(Attention, make_config(qk_norm=True, output_gate=True))
-    lengths = [5, 17, 9]
-    x = torch.randn(2, sum(lengths), HIDDEN, dtype=F64)
-    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None].expand(2, -1)
-    y, state = m(x, seq_idx=seq_idx)
-    start = 0
-    for n in lengths:
-        ref, ref_state = m(x[:, start:start + n])
-        assert_close(f"doc at {start}", ref, y[:, start:start + n], 1e-12)
-        start += n
-    assert_close("state k", ref_state["k"], state["k"], 0)
+    x = torch.randn(2, 31, HIDDEN, dtype=F64)
+    check_packing(m, x, [[5, 17, 9]] * 2, rtol=1e-12, state_rtol=0)
 
 
 def test_packed_equals_separate_sliding_window_rows_differ():
@@ -260,16 +238,11 @@ def test_packed_equals_separate_sliding_window_rows_differ():
     rows = [[5, 17, 9], [9, 17, 5]]
     x = torch.randn(2, 31, HIDDEN, dtype=F64)
     more = torch.randn(2, 3, HIDDEN, dtype=F64)
-    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(r)) for r in rows])
-    y, state = m(x, seq_idx=seq_idx)
+    state = check_packing(m, x, rows, rtol=1e-12)
     assert state["pos"].tolist() == [9, 5]
     y_more, _ = m(more, state)
     for b, lengths in enumerate(rows):
-        start = 0
-        for n in lengths:
-            ref, ref_state = m(x[b:b + 1, start:start + n])
-            assert_close(f"row {b} doc at {start}", ref, y[b:b + 1, start:start + n], 1e-12)
-            start += n
+        _, ref_state = m(x[b:b + 1, -lengths[-1]:])  # the row's last document alone
         assert_close(f"row {b} next piece", m(more[b:b + 1], ref_state)[0], y_more[b:b + 1], 1e-10)
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by test_deltanet.py and test_gated_deltanet.py (this file holds no tests):
-random delta-rule inputs, FLA's naive references, the pieces/packing checks, and the comparison
-against HF transformers' Qwen3.5 GatedDeltaNet layer run in a subprocess where `fla` cannot import."""
+random delta-rule inputs, FLA's naive references, randomised layers, and the comparison against
+HF transformers' Qwen3.5 GatedDeltaNet layer run in a subprocess where `fla` cannot import.
+The mixer-contract checks (pieces, packing, gradients) are in tests/mixer_checks.py."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def to_bhtd(t):
     return t.transpose(1, 2).contiguous()
 
 
-# --------------------------------------------------------------------------- module checks
+# --------------------------------------------------------------------------- module weights
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
@@ -59,39 +60,6 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torc
             if name not in ("A_log", "dt_bias"):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
     return module
-
-
-def check_pieces(module, hidden: int, cuts=(7, 8, 30), T: int = 45, rtol: float = 1e-10):
-    """Running x in pieces with the state carried (a 1-token piece included) == running it whole."""
-    x = torch.randn(2, T, hidden, dtype=torch.float64)
-    y, state = module(x)
-    ys, carried = [], None
-    for a, b in zip((0, *cuts), (*cuts, T)):
-        y_i, carried = module(x[:, a:b], carried)
-        ys.append(y_i)
-    assert_close("y in pieces", y, torch.cat(ys, dim=1), rtol)
-    assert state.keys() == carried.keys()
-    for key in state:
-        assert_close(f"state[{key}] in pieces", state[key], carried[key], rtol)
-
-
-def check_packing(module, hidden: int, lengths=(5, 17, 9), rtol: float = 1e-10):
-    """Packed rows (`seq_idx`, row 2 with other boundaries) == each document run on its own; the
-    incoming state belongs to each row's first document, the returned one to its last."""
-    rows = [list(lengths), list(reversed(lengths))]
-    T = sum(lengths)
-    x = torch.randn(2, T, hidden, dtype=torch.float64)
-    _, state0 = module(torch.randn(2, 6, hidden, dtype=torch.float64))
-    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
-    y, state = module(x, state0, seq_idx)
-    for row, lens in enumerate(rows):
-        start, s = 0, {k: v[row:row + 1] for k, v in state0.items()}
-        for i, n in enumerate(lens):
-            y_doc, s = module(x[row:row + 1, start:start + n], s if i == 0 else None)
-            assert_close(f"row {row} document {i}", y_doc, y[row:row + 1, start:start + n], rtol)
-            start += n
-        for key in state:
-            assert_close(f"row {row} state[{key}]", s[key], state[key][row:row + 1], rtol)
 
 
 # ------------------------------------------------------------- HF Qwen3.5 (independent model)

@@ -10,9 +10,9 @@ import torch
 from megahybrid.config import ConfigError, DeltaNetConfig, ModelConfig
 from megahybrid.mixers.deltanet import DeltaNet
 from megahybrid.mixers.delta_rule import chunked_delta_rule, naive_recurrent_delta_rule
-from tests.cpu.test_delta_rule import (check_packing, check_pieces, delta_inputs, fla_naive, randomize_,
-                                       run_hf_parity, to_bhtd)
+from tests.cpu.test_delta_rule import delta_inputs, fla_naive, randomize_, run_hf_parity, to_bhtd
 from tests.helpers import assert_close
+from tests.mixer_checks import check_grads, check_packing, check_pieces
 
 HIDDEN = 32
 
@@ -55,18 +55,8 @@ def test_matches_fla_naive():
 
 def test_grads_chunked_equal_recurrence():
     inp = delta_inputs(T=37, gated=False)
-    dout = torch.randn_like(inp["v"])
-    dstate = torch.randn_like(inp["initial_state"])
-
-    def grads(fn, **kw):
-        leaves = {n: t.clone().requires_grad_() for n, t in inp.items() if t is not None}
-        o, s = fn(**leaves, **kw)
-        ((o * dout).sum() + (s * dstate).sum()).backward()
-        return {n: t.grad for n, t in leaves.items()}
-
-    ref, out = grads(naive_recurrent_delta_rule), grads(chunked_delta_rule, chunk_size=8)
-    for name in ("q", "k", "v", "beta", "initial_state"):
-        assert_close(f"d{name}", ref[name], out[name], 1e-10)
+    leaves = {n: t.requires_grad_() for n, t in inp.items() if t is not None}
+    check_grads(naive_recurrent_delta_rule(**inp), chunked_delta_rule(**inp, chunk_size=8), leaves, 1e-10)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -75,11 +65,18 @@ def test_grads_chunked_equal_recurrence():
     dict(conv_kernel=0),
 ], ids=["gated", "plain-norm-neg-eigval", "no-conv"])
 def test_pieces_with_state_equal_whole(overrides):
-    check_pieces(randomize_(deltanet(**overrides)), HIDDEN)
+    """Cuts at 7, 8, 30: a 1-token piece included."""
+    x = torch.randn(2, 45, HIDDEN, dtype=torch.float64)
+    check_pieces(randomize_(deltanet(**overrides)), x, cuts=(7, 8, 30), rtol=1e-10)
 
 
 def test_packed_documents_equal_separate():
-    check_packing(randomize_(deltanet()), HIDDEN)
+    """Rows with other boundaries; the incoming state (from 6 earlier tokens) goes to each row's first
+    document, the returned one is its last's."""
+    m = randomize_(deltanet())
+    x = torch.randn(2, 31, HIDDEN, dtype=torch.float64)
+    _, state0 = m(torch.randn(2, 6, HIDDEN, dtype=torch.float64))
+    check_packing(m, x, [[5, 17, 9], [9, 17, 5]], rtol=1e-10, state0=state0)
 
 
 def test_flops_per_token():

@@ -12,6 +12,7 @@ from megahybrid.config import AttentionConfig, ConfigError, HymbaConfig, Mamba2C
 from megahybrid.mixers.hymba import Hymba
 from megahybrid.mixers.mamba2 import naive_recurrent_ssd
 from tests.helpers import assert_close
+from tests.mixer_checks import check_grads, check_packing, check_pieces
 
 F64 = torch.float64
 HIDDEN = 16
@@ -86,42 +87,17 @@ def test_matches_reference_outputs_and_gradients(window):
     y_ref = reference(m, x)
     y = m(x)[0]
     assert_close("y", y_ref, y, 1e-10)
-    g = torch.randn_like(y)
-    leaves = [x, *m.parameters()]
-    names = ["x", *(n for n, _ in m.named_parameters())]
-    ref = torch.autograd.grad((y_ref * g).sum(), leaves)
-    out = torch.autograd.grad((y * g).sum(), leaves)
-    for name, r, o in zip(names, ref, out):
-        assert_close(f"grad {name}", r, o, 1e-10)
+    check_grads(y_ref, y, {"x": x, **dict(m.named_parameters())}, 1e-10)
 
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_pieces_with_state_equal_whole(window):
-    m = build(make_config(window))
-    x = torch.randn(2, 30, HIDDEN, dtype=F64)
-    y_ref, s_ref = m(x)
-    ys, state = [], None
-    for a, b in [(0, 9), (9, 11), (11, 12), (12, 30)]:
-        y, state = m(x[:, a:b], state)
-        ys.append(y)
-    assert_close("y", y_ref, torch.cat(ys, 1), 1e-10)
-    assert state.keys() == s_ref.keys()
-    for key in state:
-        assert_close(f"state {key}", s_ref[key].double(), state[key].double(), 1e-10)
+    check_pieces(build(make_config(window)), torch.randn(2, 30, HIDDEN, dtype=F64), cuts=(9, 11, 12), rtol=1e-10)
 
 
 def test_packed_equals_separate():
-    m = build(make_config(window=7))
-    rows = [[5, 17, 9], [9, 22]]
-    x = torch.randn(2, 31, HIDDEN, dtype=F64)
-    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
-    y, _ = m(x, seq_idx=seq_idx)
-    for row, lengths in enumerate(rows):
-        start = 0
-        for n in lengths:
-            y_doc, _ = m(x[row:row + 1, start:start + n])
-            assert_close(f"row {row} doc at {start}", y_doc, y[row:row + 1, start:start + n], 1e-10)
-            start += n
+    check_packing(build(make_config(window=7)), torch.randn(2, 31, HIDDEN, dtype=F64), [[5, 17, 9], [9, 22]],
+                  rtol=1e-10)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megahybrid.config import ConfigError, Mamba2Config, ModelConfig
 from megahybrid.mixers.mamba2 import Mamba2, chunked_ssd, naive_recurrent_ssd
 from tests.helpers import assert_close
+from tests.mixer_checks import check_grads, check_packing, check_pieces
 
 F64 = torch.float64
 
@@ -54,42 +55,18 @@ def test_chunked_matches_recurrence(T, chunk):
 def test_chunked_gradients_match_recurrence():
     inputs = ssd_inputs(T=37)
     torch.manual_seed(1)
-    y_ref, s_ref = run_ssd(naive_recurrent_ssd, *inputs)
-    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
-    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), inputs)
-    y, s = run_ssd(chunked_ssd, *inputs, chunk_size=8)
-    out = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inputs)
-    for name, r, o in zip(["x", "dt", "A_log", "B", "C", "D", "initial_state"], ref, out):
-        assert_close(f"grad {name}", r, o, 1e-10)
+    ref = run_ssd(naive_recurrent_ssd, *inputs)
+    out = run_ssd(chunked_ssd, *inputs, chunk_size=8)
+    check_grads(ref, out, dict(zip(["x", "dt", "A_log", "B", "C", "D", "initial_state"], inputs)), 1e-10)
 
 
 def test_pieces_with_state_equal_whole():
-    m = build(make_config())
-    x = torch.randn(2, 50, 16, dtype=F64)
-    y_ref, s_ref = m(x)
-    ys, state = [], None
-    for a, b in [(0, 13), (13, 15), (15, 50)]:  # the 2-token piece is shorter than the conv window
-        y, state = m(x[:, a:b], state)
-        ys.append(y)
-    assert_close("y", y_ref, torch.cat(ys, 1), 1e-10)
-    for key in ("conv", "ssm"):
-        assert_close(f"state {key}", s_ref[key], state[key], 1e-10)
+    """Cuts at 13 and 15: the 2-token piece is shorter than the conv window."""
+    check_pieces(build(make_config()), torch.randn(2, 50, 16, dtype=F64), cuts=(13, 15), rtol=1e-10)
 
 
 def test_packed_equals_separate():
-    m = build(make_config())
-    rows = [[5, 17, 9], [9, 22]]
-    x = torch.randn(2, 31, 16, dtype=F64)
-    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
-    y, state = m(x, seq_idx=seq_idx)
-    for row, lengths in enumerate(rows):
-        start = 0
-        for n in lengths:
-            y_doc, s_doc = m(x[row:row + 1, start:start + n])
-            assert_close(f"row {row} doc at {start}", y_doc, y[row:row + 1, start:start + n], 1e-10)
-            start += n
-        for key in ("conv", "ssm"):  # the returned state is the last document's
-            assert_close(f"row {row} state {key}", s_doc[key], state[key][row:row + 1], 1e-10)
+    check_packing(build(make_config()), torch.randn(2, 31, 16, dtype=F64), [[5, 17, 9], [9, 22]], rtol=1e-10)
 
 
 def test_matches_transformers_mamba2_mixer():

@@ -10,6 +10,7 @@ import torch
 from megahybrid.config import ConfigError, ModelConfig, RGLRUConfig
 from megahybrid.mixers.rglru import RGLRU, RGLRUBlock, naive_recurrent_rglru, parallel_rglru
 from tests.helpers import assert_close
+from tests.mixer_checks import check_grads, check_packing, check_pieces
 
 F64 = torch.float64
 HIDDEN, WIDTH, HEADS = 20, 24, 4
@@ -51,11 +52,8 @@ def test_parallel_matches_naive(T, initial_state):
     assert_close("h", ref, out, 1e-10)
     assert_close("h_T", ref_last, out_last, 1e-10)
     torch.manual_seed(1)
-    dh, dh_last = torch.randn_like(ref), torch.randn_like(ref_last)
-    ref_grads = torch.autograd.grad((ref * dh).sum() + (ref_last * dh_last).sum(), inputs)
-    out_grads = torch.autograd.grad((out * dh).sum() + (out_last * dh_last).sum(), inputs)
-    for name, r, o in zip(["dx", "dgate_x", "dgate_a", "drecurrent_param", "dh0"], ref_grads, out_grads):
-        assert_close(name, r, o, 1e-10)
+    names = ["x", "gate_x", "gate_a", "recurrent_param", "h0"]  # zip drops h0 when there is none
+    check_grads((ref, ref_last), (out, out_last), dict(zip(names, inputs)), 1e-10)
 
 
 def test_first_token_of_a_document_is_not_normalised():
@@ -70,34 +68,16 @@ def test_first_token_of_a_document_is_not_normalised():
 
 
 def test_pieces_with_state_equal_whole():
-    m = build(make_config())
-    x = torch.randn(2, 40, HIDDEN, dtype=F64)
-    whole, whole_state = m(x)
-    outs, state = [], None
-    for a, b in [(0, 1), (1, 17), (17, 18), (18, 40)]:  # includes one-token pieces (decoding)
-        y, state = m(x[:, a:b], state)
-        outs.append(y)
-    assert_close("y", whole, torch.cat(outs, dim=1), 1e-12)
-    for key in ("conv", "rnn"):
-        assert_close(f"state[{key}]", whole_state[key], state[key], 1e-12)
+    """Cuts at 1, 17, 18: one-token pieces (decoding) included."""
+    check_pieces(build(make_config()), torch.randn(2, 40, HIDDEN, dtype=F64), cuts=(1, 17, 18), rtol=1e-12)
 
 
 def test_packed_equals_separate():
     """Row 0 packs 3 documents (5/17/9), row 1 is one document; the incoming state belongs to each
     row's first document and the returned state to its last."""
-    m = build(make_config())
     x = torch.randn(2, 31, HIDDEN, dtype=F64)
-    seq_idx = torch.tensor([[0] * 5 + [1] * 17 + [2] * 9, [0] * 31])
     state0 = {"conv": torch.randn(2, 3, WIDTH, dtype=F64), "rnn": torch.randn(2, WIDTH, dtype=F64)}
-    y, state = m(x, state0, seq_idx)
-    s0 = {k: v[:1] for k, v in state0.items()}
-    parts = [m(x[:1, :5], s0)[0], m(x[:1, 5:22])[0]]
-    last, last_state = m(x[:1, 22:])
-    assert_close("row 0", torch.cat(parts + [last], dim=1), y[:1], 1e-12)
-    row1, row1_state = m(x[1:], {k: v[1:] for k, v in state0.items()})
-    assert_close("row 1", row1, y[1:], 1e-12)
-    for key in ("conv", "rnn"):
-        assert_close(f"state[{key}]", torch.cat([last_state[key], row1_state[key]]), state[key], 1e-12)
+    check_packing(build(make_config()), x, [[5, 17, 9], [31]], rtol=1e-12, state0=state0)
 
 
 def test_block_grads_pieces_equal_whole():

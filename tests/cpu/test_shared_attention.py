@@ -12,6 +12,7 @@ from megahybrid.config import AttentionConfig, ConfigError, ModelConfig, SharedA
 from megahybrid.mixers.attention import Attention
 from megahybrid.mixers.shared_attention import SharedAttention
 from tests.helpers import assert_close
+from tests.mixer_checks import check_packing, check_pieces
 
 F64 = torch.float64
 HIDDEN = 24
@@ -130,19 +131,8 @@ def test_rank_zero_is_the_block():
 def test_pieces_and_packing():
     """KV cache pieces (7, 1, 15) == whole; packed documents (5, 17, 9) == each alone."""
     (layer,) = build_uses(make_config(rotary_fraction=0.5), 1)
-    x = torch.randn(2, 23, HIDDEN, dtype=F64)
-    whole, whole_state = layer(x)
-    y1, s = layer(x[:, :7])
-    y2, s = layer(x[:, 7:8], s)
-    y3, s = layer(x[:, 8:], s)
-    assert_close("pieces", whole, torch.cat([y1, y2, y3], 1), 1e-10)
-    assert_close("state k", whole_state["k"], s["k"], 1e-10)
-    lengths = [5, 17, 9]
-    x = torch.randn(1, 31, HIDDEN, dtype=F64)
-    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
-    packed, _ = layer(x, seq_idx=seq_idx)
-    separate = torch.cat([layer(part)[0] for part in x.split(lengths, dim=1)], dim=1)
-    assert_close("packed", separate, packed, 1e-12)
+    check_pieces(layer, torch.randn(2, 23, HIDDEN, dtype=F64), cuts=(7, 8), rtol=1e-10)
+    check_packing(layer, torch.randn(1, 31, HIDDEN, dtype=F64), [[5, 17, 9]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("rank, blocks, attn, field", [

@@ -30,6 +30,11 @@ TOL = {  # (logits, loss, grads): max-relative for float32, norm-relative for bf
     "float32": (5e-3, 5e-4, 2e-2),
     "bfloat16": (3e-2, 1e-2, 1e-1),
 }
+MOE_GRAD_TOL_BF16 = 0.3
+"""bf16 gradients of an MoE layer (router, experts, its pre-norm) against the fp32 reference. The
+router's gradient sums many terms of both signs computed from bf16 expert outputs; measured on an
+H200 (2026-11-25): router 0.19-0.21, experts and pre-norm 0.10-0.11, while the float32 run of the
+same test matches every gradient to <= 8e-3, which is what checks the MoE semantics."""
 RESULTS: list[str] = []
 torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32 (cuDNN's conv too)
 torch.backends.cudnn.allow_tf32 = False
@@ -87,11 +92,17 @@ def compare(pattern: str, dtype: torch.dtype, T: int = 100, B: int = 2):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", sorted(PATTERNS))
 def test_megatron_matches_reference(case, dtype):
-    errors, worst_grad, (tol_logits, tol_loss, tol_grad) = compare(PATTERNS[case], dtype)
+    pattern = PATTERNS[case]
+    errors, worst_grad, (tol_logits, tol_loss, tol_grad) = compare(pattern, dtype)
     assert errors["logits"] <= tol_logits, errors["logits"]
     assert errors["loss"] <= tol_loss, errors["loss"]
-    bad = {k: v for k, v in errors.items() if k.startswith("grad") and not v <= tol_grad}
-    assert not bad, f"gradients over {tol_grad}: {bad}"
+
+    def tol(name: str) -> float:  # "grad layers.{i}.…" -> looser for bf16 MoE layers
+        moe = name.startswith("grad layers.") and pattern[int(name.split(".")[1])] == "E"
+        return MOE_GRAD_TOL_BF16 if moe and dtype == torch.bfloat16 else tol_grad
+
+    bad = {k: v for k, v in errors.items() if k.startswith("grad") and not v <= tol(k)}
+    assert not bad, f"gradients over tolerance: {bad}"
 
 
 def test_packed_equals_separate():

@@ -1,0 +1,1 @@
+../megahybrid/launch/torchrun.sh

@@ -1,0 +1,48 @@
+"""State-passing context parallelism (CP) for the linear-recurrent mixers: DeltaNet (`d`), Gated
+DeltaNet (`G`), Mamba2 SSD (`M`) and the RG-LRU (`r`). Issue 7; reference (pure PyTorch) path.
+
+The sequence is split over `parallel.cp` ranks. Each rank runs its tokens from a zero state and
+summarises them as an affine map of the state it will receive (delta rule: S_out = M S_in + L with
+M a dk x dk matrix per head; SSD / RG-LRU: a decay per head / channel); one all-gather of those
+O(d^2) summaries lets every rank compose its true incoming state and correct its outputs
+(`state_passing`, which derives the corrections and their cost). The short causal conv takes a halo
+of the previous slot's last K-1 inputs. Backward is autograd through the same all-gather, whose
+reverse collective returns each rank's gradient contributions to the rank that sent the summary.
+Unlike a sequential relay (rank r waits for r-1: R local passes back to back) all ranks work at
+once; the chain itself is R tiny matmuls.
+
+    comm = SimulatedCP(4)              # every rank in one process (tests, debugging), or
+    comm = DistributedCP(group)        # one rank of a real process group (gloo / NCCL)
+    x_local = comm.shard(x)            # [B, T, hidden] -> this rank's tokens
+    y_local, state = forward_cp(mixer, x_local, comm)
+    loss = cp_token_loss(token_loss, mask_local, comm)   # finite when a rank holds only padding
+
+Layout. Recurrences need every rank's tokens to be contiguous *pieces* of the sequence, each with one
+incoming state; Transformer Engine's attention CP instead gives rank r the pieces r and 2R-1-r
+(zigzag) so that causal attention work is balanced. Both are supported (`layout=`): a rank's pieces
+("slots") run as separate batch rows, and the chain of 2R slots is composed in time order (FLA's
+zigzag CP does the same). Costs:
+- contiguous: recurrent work is already balanced (linear in tokens), 1 summary per rank; but causal
+  attention in the same model on the same layout is not: rank r does (2r+1)/R^2 of it, so the last
+  rank carries (2R-1)/R of the mean, 1.75x at R=4, and sets the step time;
+- zigzag: attention balanced; the recurrences pay 2 summaries, 2 conv halos and 2 corrections per
+  rank, each half as long (same total work), and a chain of 2R links: the summary all-gather doubles
+  (delta rule: dk (2 dv + dk) numbers per head per slot, 196 KB in fp32 at dk = dv = 128) and stays
+  independent of T;
+- re-permuting between the two around every attention layer would move all activations
+  (2 all-to-alls of [T/R, hidden] per switch) to save nothing the zigzag chain does not already save.
+So a hybrid model should use zigzag throughout when it has causal attention layers under CP, and
+contiguous when it is all recurrent (or attention is sliding-window, whose work is already even).
+Megatron-Core's alternative for Mamba/GDN (all-to-all from sequence to head shards) moves the
+activations twice per layer and caps CP at the head count; its comparison is the benchmark's job.
+
+Packed documents (`seq_idx`) are not supported under CP yet: the incoming state would have to be
+dropped at a document boundary that coincides with a slot boundary, and M = 0 after the first
+boundary inside a slot.
+"""
+
+from megahybrid.parallel.group import CPGroup, DistributedCP, SimulatedCP, check_cp_length
+from megahybrid.parallel.mixers import CP_FORWARDS, cp_token_loss, forward_cp
+
+__all__ = ["CPGroup", "CP_FORWARDS", "DistributedCP", "SimulatedCP", "check_cp_length", "cp_token_loss",
+           "forward_cp"]

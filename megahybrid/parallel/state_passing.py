@@ -1,0 +1,179 @@
+"""State passing: each CP slot runs from a zero state, summarises itself as an affine map of its
+incoming state, the summaries are all-gathered once, and each slot composes its incoming state and
+corrects its outputs. Plain PyTorch on top of the reference math in `megahybrid/mixers/`.
+
+Every recurrence here is linear in its state: S_out = F(S_in) + L with F linear, and every output is
+o_t = o_t^local + (read-out of S_in at t). So per slot c (of `num_slots`, in time order):
+
+  1. local:   run the slot's tokens from S = 0 -> outputs o^local, end state L_c; also the linear
+              map F_c and what each output reads of the incoming state;
+  2. gather:  one all-gather of (L_c, F_c) -- O(d^2) per head, independent of the slot's length;
+  3. compose: S_in(0) = the sequence's incoming state, S_in(c+1) = F_c(S_in(c)) + L_c (num_slots-1
+              small steps, done redundantly on every rank: cheaper than a second collective);
+  4. correct: o_t += read-out of S_in(c) at t;  S_out = F_c(S_in(c)) + L_c.
+
+The incoming state of the whole sequence rides in the same all-gather (zeros on every slot but the
+first). Besides saving a message, that makes every rank's outputs depend on the gathered tensor, so
+autograd runs the all-gather's backward collective on every rank: a rank whose outputs skipped it
+(the first rank needs nothing from the others) would leave the rest waiting in backward.
+
+Delta rule (DeltaNet, GDN), per head, key-major state S [dk, dv], a_t = exp(g_t):
+    S_t = A_t S_{t-1} + b_t k_t v_t^T,   A_t = a_t (I - b_t k_t k_t^T),   o_t = S_t^T (scale q_t)
+  so with P_t = A_t A_{t-1} ... A_1 (product from the slot's first token):
+    S_t = P_t S_in + S_t^local,   o_t = o_t^local + S_in^T (P_t^T scale q_t),   M_c = P_last.
+  q~_t = P_t^T scale q_t and M_c come from the *same* chunked kernel, without forming any P_t: the
+  recurrence acts on each value column independently, so running it on dv + dk columns,
+  v' = [v | 0] from S_0' = [0 | I], gives o' = [o^local | q~] and S_last' = [L | M] in one pass
+  (FLA's CP summary has this [h_local | M] layout, `fla/ops/cp/chunk_fwd.py`). The correction is then
+  one [T, dk] x [dk, dv] matmul per head.
+  Cost per head and slot of n tokens (chunk C): the augmented pass widens the value side from dv to
+  dv + dk columns -- u = A^-1 (b v'), w S, q S, attn v_new and the state update, about
+  n dk (C + 3 dk) extra MACs, i.e. 2x the value-side work when dk = dv; the key-side work (K K^T, the
+  UT solve for w) is shared. Correction: n dk dv MACs; composition: num_slots dk^2 dv; memory: the
+  widened per-chunk states (dv + dk columns) and q~ [n, dk] kept for backward; communication:
+  dk (2 dv + dk) numbers per head per slot, all-gathered. FLA's CUDA path instead computes
+  [h_local | M] in a separate kernel (`chunk_cp_fwd_h`: dk^2 per token for M) and then reruns the
+  state pass and the output from the composed state (same order of work, no q~ kept).
+Mamba2 SSD, per head (scalar decay a_t = exp(dt_t A)), state S [P, N]:
+    S_t = exp(cum_t) S_in + S_t^local,  y_t = y_t^local + exp(cum_t) S_in C_t,  cum_t = sum_{s<=t} dt_s A
+  M_c = exp(cum_last) per head; correction n P N MACs per head (SSD's "state -> output" step).
+RG-LRU, per channel: h_t = exp(cum_t) h_in + h_t^local, cum_t = sum_{s<=t} log a_s; M_c = exp(cum_last).
+Short causal conv: its state is the last K-1 inputs, so a slot's incoming state (the halo) is the
+previous slot's last K-1 inputs: the tails are all-gathered (a neighbour send/recv would move
+R times less; with K-1 = 3 rows per slot it does not matter for the reference).
+
+Why not FLA's CP ops here: `fla.ops.cp` (summaries `chunk_cp_fwd_h`, merge `chunk_cp_merge`, conv
+halos `fla.modules.causal_conv1d.cp`) are Triton kernels that refuse non-CUDA devices
+(`_check_cp_device`), cover the delta-rule family only (no SSD, no RG-LRU), take packed `[1, T]`
+varlen batches and assert no incoming state. This file is the float64 oracle a fast path is tested
+against, on any device and in one process (`SimulatedCP`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megahybrid.mixers.common import ShortConv, l2norm
+from megahybrid.mixers.delta_rule import chunked_delta_rule
+from megahybrid.mixers.mamba2 import chunked_ssd, expand_groups
+from megahybrid.mixers.rglru import rglru_coefficients, scan_linear_recurrence
+from megahybrid.parallel.group import CPGroup
+
+
+def exchange(comm: CPGroup, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One all-gather for several tensors of this rank's rows `[rows, ...]`: each comes back as
+    `[num_slots, B, ...]` in chain order. They travel as one flat buffer in their promoted dtype
+    (exact: promotion only widens) and come back in their own."""
+    work = tensors[0].dtype
+    for t in tensors[1:]:
+        work = torch.promote_types(work, t.dtype)
+    flat = torch.cat([t.to(work).flatten(1) for t in tensors], dim=1)
+    gathered = comm.all_gather(flat)  # [num_slots, B, total]
+    parts = gathered.split([t[0].numel() for t in tensors], dim=-1)
+    return [p.reshape(p.shape[0], p.shape[1], *t.shape[1:]).to(t.dtype) for p, t in zip(parts, tensors)]
+
+
+def incoming_states(apply_map: Callable[[int, torch.Tensor], torch.Tensor], local_end: torch.Tensor,
+                    first: torch.Tensor) -> torch.Tensor:
+    """The state entering every slot: S_in(0) = `first`, S_in(c+1) = apply_map(c, S_in(c)) +
+    local_end[c]. `local_end` `[num_slots, B, ...]`; returns `[num_slots, B, ...]`."""
+    states = [first]
+    for c in range(local_end.shape[0] - 1):
+        states.append(apply_map(c, states[-1]) + local_end[c])
+    return torch.stack(states)
+
+
+def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor, Optional[torch.Tensor]]]):
+    """`[(conv, x rows [rows, S, C], incoming conv state [B, K-1, C] or None), ...]` -> `[(y, end
+    conv state), ...]`: each slot's conv starts from the previous slot's last K-1 inputs (the first
+    slot from the given state). All tails travel in one all-gather."""
+    tails, firsts, halo_of = [], [], []
+    for conv, x, state in convs:
+        k1 = conv.kernel - 1
+        if k1 == 0:
+            halo_of.append(None)
+            continue
+        if x.shape[1] < k1:
+            raise ValueError(f"CP slot of {x.shape[1]} tokens is shorter than the conv halo ({k1}); "
+                             "see megahybrid.parallel.check_cp_length")
+        halo_of.append(len(tails))
+        tails.append(x[:, x.shape[1] - k1:])
+        firsts.append(comm.first_slot(state, like=tails[-1]))
+    gathered = exchange(comm, tails + firsts) if tails else []
+    out = []
+    for (conv, x, _), i in zip(convs, halo_of):
+        if i is None:
+            out.append(conv(x, None))
+            continue
+        tail_all, first_all = gathered[i], gathered[len(tails) + i]
+        halo = comm.own(torch.cat([first_all[:1], tail_all[:-1]]))  # slot c reads slot c-1's tail
+        out.append(conv(x, halo))
+    return out
+
+
+def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chunk_size: int = 64, scale=None):
+    """`chunked_delta_rule` under CP: q, k [rows, S, H, dk], v [rows, S, H, dv], beta, g [rows, S, H]
+    are this rank's slots (as rows); `initial_state` [B, H, dk, dv] is the sequence's (used on its first
+    slot; None = zeros). Returns (o [rows, S, H, dv], state at the end of each slot [rows, H, dk, dv])."""
+    rows, S, H, dk = q.shape
+    dv = v.shape[-1]
+    # 1. Local pass on [v | 0] from [0 | I]: o' = [o_local | q~], end state [L | M] (module docstring).
+    v_aug = torch.cat([v, v.new_zeros(rows, S, H, dk)], dim=-1)
+    eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(rows, H, dk, dk)
+    s0_aug = torch.cat([v.new_zeros(rows, H, dk, dv), eye], dim=-1)
+    o_aug, s_aug = chunked_delta_rule(q, k, v_aug, beta, g, chunk_size=chunk_size, initial_state=s0_aug,
+                                      scale=scale)
+    o_local, q_tilde = o_aug.split([dv, dk], dim=-1)
+    local_end, M = s_aug.split([dv, dk], dim=-1)
+    # 2.-3. Gather (L, M) of every slot with the sequence's incoming state; compose.
+    first = comm.first_slot(initial_state, like=local_end)
+    L_all, M_all, first_all = exchange(comm, [local_end, M, first])
+    s_in = comm.own(incoming_states(lambda c, s: M_all[c] @ s, L_all, first_all[0]))
+    # 4. Correct: o_t += S_in^T q~_t; the slot's true end state.
+    o = o_local + torch.einsum("bthk,bhkv->bthv", q_tilde.to(s_in.dtype), s_in).to(o_local.dtype)
+    return o, M @ s_in + local_end
+
+
+def delta_rule_heads_cp(comm: CPGroup, q, k, v, beta, g, state, chunk_size: int):
+    """`delta_rule_heads` (L2-normalised q/k, working dtype, autocast off) under CP."""
+    work = torch.promote_types(v.dtype, torch.float32)
+    h0 = None if state is None else state["recurrent"]
+    with torch.autocast(v.device.type, enabled=False):
+        q, k = l2norm(q.to(work)), l2norm(k.to(work))
+        return delta_rule_cp(comm, q, k, v.to(work), beta.to(work), None if g is None else g.to(work),
+                             initial_state=h0, chunk_size=chunk_size)
+
+
+def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64):
+    """`chunked_ssd` under CP: x [rows, S, h, p], dt [rows, S, h], B, C [rows, S, g, n] are this
+    rank's slots; `initial_state` [B, h, p, n] the sequence's. Returns (y, state at each slot's end)."""
+    y_local, local_end = chunked_ssd(x, dt, A, B, C, D, None, chunk_size)
+    cum = (dt * A).cumsum(dim=1)  # [rows, S, h] log-decay from the slot's start, <= 0
+    decay = cum[:, -1].exp()  # M_c, one scalar per head
+    first = comm.first_slot(initial_state, like=local_end)
+    L_all, M_all, first_all = exchange(comm, [local_end, decay, first])
+    s_in = comm.own(incoming_states(lambda c, s: M_all[c][..., None, None] * s, L_all, first_all[0]))
+    Ch = expand_groups(C, x.shape[2])
+    y = y_local + cum.exp()[..., None] * torch.einsum("bhpn,bthn->bthp", s_in, Ch)
+    return y, decay[..., None, None] * s_in + local_end
+
+
+def rglru_cp(comm: CPGroup, x, gate_x, gate_a, recurrent_param, c: float, h0=None):
+    """`parallel_rglru` under CP: x, gate_x, gate_a [rows, S, W] are this rank's slots; `h0` [B, W]
+    the sequence's incoming state, None = the sequence starts a document (its first token is not
+    scaled by sqrt(1 - a^2); every later slot continues). Returns (h [rows, S, W], h at each slot's end)."""
+    log_a, u = rglru_coefficients(x, gate_x, gate_a, recurrent_param, c, reset=False)
+    if h0 is None:
+        starts = comm.is_first_slot(x.shape[0], x.device)[:, None, None]
+        _, u_reset = rglru_coefficients(x, gate_x, gate_a, recurrent_param, c, reset=True)
+        u = torch.where(starts, u_reset, u)
+    h_local, local_end = scan_linear_recurrence(log_a, u)
+    cum = log_a.cumsum(dim=1)
+    decay = cum[:, -1].exp()
+    first = comm.first_slot(h0, like=local_end)
+    L_all, M_all, first_all = exchange(comm, [local_end, decay, first])
+    h_in = comm.own(incoming_states(lambda c_, h: M_all[c_] * h, L_all, first_all[0]))
+    h = h_local + cum.exp() * h_in[:, None]
+    return h, decay * h_in + local_end
