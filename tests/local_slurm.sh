@@ -22,19 +22,18 @@ if [ "$action" = install ]; then
 fi
 dir=$(mkdir -p "${2:?usage: local_slurm.sh start|stop DIR}" && cd "$2" && pwd)
 
-stop_pidfile() {  # stop the daemon whose pid is in $1, if it still runs
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 0
-  if kill "$pid" 2>/dev/null; then
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
-  rm -f "$1"
-}
-
-if [ "$action" = stop ]; then
-  stop_pidfile "$dir/slurmd.pid"
-  stop_pidfile "$dir/slurmctld.pid"
-  stop_pidfile "$dir/munged.pid"
+if [ "$action" = stop ]; then  # the daemons this script started, by their pid files
+  pids=()
+  for name in slurmd slurmctld munged; do
+    pid=$(cat "$dir/$name.pid" 2>/dev/null) && kill "$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$dir/$name.pid"
+  done
+  for _ in $(seq 100); do  # up to 10 s
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.1
+  done
   exit 0
 fi
 [ "$action" = start ] || { echo "local_slurm.sh: unknown action '$action'; use start or stop" >&2; exit 2; }

@@ -28,7 +28,7 @@ TASK = "{task}"
 """In any training argument of a job array, replaced by the array task id (slurm.sbatch does it)."""
 
 
-class LaunchError(ValueError):
+class LaunchError(ConfigError):
     """Bad launcher input; the message is one line naming the option, the value and the fix."""
 
 
@@ -222,20 +222,24 @@ def slurm(args) -> int:
     return submit(args, render_sbatch(args, job_name, ["train", *train_args(args)]))
 
 
+class _OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise LaunchError(f"Slurm options: {message}; e.g. --nodes 1 --gpus-per-node 1 --partition gpu")
+
+
 def slurm_array(command: list[str], indices: list[int], args: list[str]) -> int:
     """Submit `command` (a `megahybrid ...` argv in which "$SLURM_ARRAY_TASK_ID" stands for the task
     id) as a job array over `indices`; `args` are `megahybrid launch slurm` options (for sweeps)."""
-    parser = argparse.ArgumentParser(prog="megahybrid launch slurm", add_help=False, exit_on_error=False)
+    parser = _OptionParser(prog="megahybrid launch slurm", add_help=False)
     add_slurm_options(parser)
-    try:
-        opts = parser.parse_args(args)
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise LaunchError(f"Slurm options {shlex.join(args)!r}: {err}; e.g. --nodes 1 --gpus-per-node 1") from None
+    opts = parser.parse_args(args)
     if opts.array:
         raise LaunchError(f"--array={opts.array}: the sweep sets the array itself; leave --array out")
     opts.array = ",".join(map(str, sorted(indices)))
     check_slurm_options(opts)
-    command = [TASK if a == "$SLURM_ARRAY_TASK_ID" else a for a in command[command[0] == "megahybrid":]]
+    if command[0] == "megahybrid":
+        command = command[1:]
+    command = [TASK if arg == "$SLURM_ARRAY_TASK_ID" else arg for arg in command]
     return submit(opts, render_sbatch(opts, f"megahybrid-{command[0]}", command))
 
 

@@ -29,13 +29,13 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
 
-# Never use NVLink multicast (NVLS): on shared hosts a program using it has taken GPUs out of
-# service for a day or more. Megatron needs CUDA_DEVICE_MAX_CONNECTIONS=1 to order TP/SP
-# communication before compute.
+# NVLink multicast (NVLS) off in NCCL, PyTorch and NVSHMEM: on the shared GPU hosts this project
+# is tested on, a program using it can take the host's GPUs out of service; turn it on only where
+# your cluster supports it. Megatron needs CUDA_DEVICE_MAX_CONNECTIONS=1 so that its tensor- and
+# sequence-parallel communication is issued before the compute that waits for it.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # logs appear as they are written (Slurm log files, `tail -f`)
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
@@ -54,21 +54,22 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
-set -m  # torchrun in a process group of its own: signals reach it once, through the traps below
-(trap '' USR1; exec "${cmd[@]}") &
-agent=$!
+agent=""
 preempt=0
 last_usr1=0
 usr1_to_trainers() {  # torchrun's children are the trainers
   preempt=1
   last_usr1=$SECONDS
-  pkill -USR1 -P "$agent" 2>/dev/null || true
+  [ -z "$agent" ] || pkill -USR1 -P "$agent" 2>/dev/null || true
 }
 trap usr1_to_trainers USR1
 if [ -z "${SLURM_STEP_ID:-}" ]; then  # (under srun, Slurm signals every process of the step itself)
-  trap 'kill -TERM "$agent" 2>/dev/null || true' TERM
-  trap 'kill -INT "$agent" 2>/dev/null || true' INT
+  trap '[ -z "$agent" ] || kill -TERM "$agent" 2>/dev/null || true' TERM
+  trap '[ -z "$agent" ] || kill -INT "$agent" 2>/dev/null || true' INT
 fi
+# torchrun in a session of its own, so that a terminal's Ctrl-C reaches it once, through the trap above
+(trap '' USR1; exec setsid "${cmd[@]}") &
+agent=$!
 while kill -0 "$agent" 2>/dev/null; do
   sleep 1 || true  # (under Slurm the whole step, this sleep included, may get the signal)
   if [ "$preempt" = 1 ] && (( SECONDS - last_usr1 >= 5 )); then

@@ -15,10 +15,14 @@ Input is either
        "final_loss": 3.12,           # validation loss at the end (what the fits use)
        "budget": 1e15}               # optional: the nominal IsoFLOP budget of the run
 
-  plus, if present, its ``metrics.jsonl`` (lines ``{"step", "loss", "tokens"}``): every
-  line with loss and tokens before the final token count becomes a checkpoint point with
-  C = flops_per_token * tokens, used by approach 1 (the loss envelope). A run directory
-  without summary.json (unfinished, or config.yaml only) is skipped with a note on stderr.
+  plus, if present, its ``metrics.jsonl`` (lines ``{"step", "loss", "tokens"}``, some with
+  ``"valid_loss"``): every line before the final token count becomes a checkpoint point with
+  C = flops_per_token * tokens, used by approach 1 (the loss envelope). When any line has a
+  valid_loss, only those lines are used, with that loss: the final point is a validation loss,
+  and training losses (one batch each, other text) would make each curve jump at its end.
+  A run directory without summary.json (unfinished, or config.yaml only) is skipped with a
+  note on stderr; a subdirectory with neither file is not a run (the sweep's .data/, a fits/
+  output) and is passed over silently.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def read_sweep_dir(sweep: Path) -> list[dict]:
     """Records of every finished run (subdirectory with summary.json) of a sweep."""
     records, skipped, seen = [], [], {}
     for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        if not (run / "summary.json").exists() and not (run / "config.yaml").exists():
+            continue  # not a run directory
         if not (run / "summary.json").exists():
             skipped.append(run.name)
             continue
@@ -105,14 +111,17 @@ def read_run(run: Path) -> list[dict]:
     records = []
     metrics = run / "metrics.jsonl"
     if metrics.exists():
+        rows = []
         for lineno, line in enumerate(metrics.read_text().splitlines(), 1):
             try:
-                row = json.loads(line) if line.strip() else {}
+                rows.append(json.loads(line) if line.strip() else {})
             except json.JSONDecodeError:
                 raise FitError(f"{metrics}:{lineno}: not a JSON line; each line is {{\"step\", \"loss\", \"tokens\"}}") from None
-            if row.get("loss") is not None and row.get("tokens") and 0 < float(row["tokens"]) < total:
+        key = "valid_loss" if any(row.get("valid_loss") is not None for row in rows) else "loss"
+        for row in rows:
+            if row.get(key) is not None and row.get("tokens") and 0 < float(row["tokens"]) < total:
                 # Checkpoint points have no budget: they are not final points of an IsoFLOP run.
                 records.append({**base, "budget": None, "tokens": float(row["tokens"]),
-                                "flops": fpt * float(row["tokens"]), "loss": float(row["loss"])})
+                                "flops": fpt * float(row["tokens"]), "loss": float(row[key])})
     records.append({**base, "tokens": total, "flops": fpt * total, "loss": summary["final_loss"]})
     return records

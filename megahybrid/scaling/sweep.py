@@ -21,7 +21,8 @@ runs; every run is `base + overrides + pattern + size + lr + length`:
 
 `budget` is an IsoFLOP budget C in training FLOPs: steps = round(C / (3 F tokens_per_step)),
 F = forward FLOPs/token (`megahybrid.flops`); `tokens` and `steps` fix the length directly.
-Without `patterns` (`sizes`) every run keeps the base's layout (widths), labelled "base".
+Without `patterns` every run keeps the base's layout, labelled with the base's name (a preset
+name) or "base"; without `sizes` it keeps the base's widths. Run names then leave that part out.
 
 Each run trains in DIR/<name>/ (name = pattern-size-lrLR-{cC | dD | sS}), in this process, its
 console output going to DIR/<name>/train.log. When it finishes, DIR/<name>/summary.json is
@@ -52,6 +53,7 @@ from typing import Any
 import yaml
 
 from megahybrid.config import Config, ConfigError, ModelConfig, load_config
+from megahybrid.flops import TRAIN_FACTOR, model_flops_per_token
 
 TOP_KEYS = ("name", "base", "overrides", "patterns", "sizes", "grid")
 GRID_AXES = ("pattern", "size", "lr", "budget", "tokens", "steps")
@@ -63,8 +65,6 @@ LABEL = re.compile(r"^[A-Za-z0-9_.+]+$")
 MIN_STEPS = 10
 """Fewest optimizer steps a run may have: below this, warmup and the first logged losses are
 most of the run and its final loss says little about the size."""
-TRAIN_FACTOR = 3
-"""Training FLOPs per token = 3 x forward (forward, data grad, weight grad; `megahybrid.flops`)."""
 
 
 class SweepError(ValueError):
@@ -109,11 +109,11 @@ class Sweep:
 
 
 def _did_you_mean(key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=2, cutoff=0.5)
-    return f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(valid)}"
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+    return f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
 
 
-def _number(where: str, value: Any, positive: bool = True) -> float:
+def _number(where: str, value: Any) -> float:
     """A YAML number (YAML 1.1 reads 1e-3 as a string, so strings are parsed too)."""
     try:
         if isinstance(value, bool):
@@ -121,7 +121,7 @@ def _number(where: str, value: Any, positive: bool = True) -> float:
         x = float(value)
     except (TypeError, ValueError):
         raise SweepError(f"{where}={value!r}: must be a number, e.g. 1e-3") from None
-    if not math.isfinite(x) or (positive and x <= 0):
+    if not math.isfinite(x) or x <= 0:
         raise SweepError(f"{where}={value!r}: must be a finite number > 0")
     return x
 
@@ -136,7 +136,7 @@ def _as_list(where: str, value: Any) -> list:
     return [value]
 
 
-def _nested(where: str, fields: dict, prefix: str = "") -> dict:
+def _nested(where: str, fields: dict) -> dict:
     """{"attention.num_heads": 4, "mlp": {...}} -> nested dict (dotted keys expanded)."""
     out: dict = {}
     for key, value in fields.items():
@@ -228,17 +228,25 @@ def load_sweep(path) -> Sweep:
     overrides = {(f"model.{k}" if isinstance(k, str) and k.split(".")[0] not in top
                   and k.split(".")[0] in model_names else k): v for k, v in overrides.items()}
     overrides = _nested("overrides", overrides)
-    base = _merge(base, overrides)
+    try:  # checked (and its numbers parsed) once here, so a bad override is named as such
+        base = load_config(_merge(base, overrides)).to_dict()
+    except ConfigError as err:
+        raise SweepError(f"{path}: overrides: {err}") from None
 
-    patterns = _read_labelled(path, doc, "patterns")
-    sizes = _read_labelled(path, doc, "sizes")
+    default = base_source if isinstance(base_source, str) and LABEL.match(base_source) else "base"
+    patterns = _read_labelled(path, doc, "patterns", default)
+    sizes = _read_labelled(path, doc, "sizes", "base")
     for label, fields in sizes.items():
+        if fields is None and "sizes" not in doc:
+            continue  # no sizes: one entry keeping the base's widths
         if not isinstance(fields, dict):
             raise SweepError(f"{path}: sizes.{label}: must be a mapping of model fields, "
                              "e.g. {hidden_size: 64, num_layers: 2}")
         sizes[label] = _nested(f"sizes.{label}", fields)
         _check_model_keys(f"{path}: sizes.{label}", sizes[label])
     for label, layout in patterns.items():
+        if layout is None and "patterns" not in doc:
+            continue  # no patterns: one entry keeping the base's layout
         if isinstance(layout, dict):
             patterns[label] = _nested(f"patterns.{label}", layout)
             _check_model_keys(f"{path}: patterns.{label}", patterns[label])
@@ -254,7 +262,7 @@ def load_sweep(path) -> Sweep:
     seen: dict[str, str] = {}
     for g, grid in enumerate(grids):
         where = f"{path}: grid" + (f"[{g}]" if isinstance(doc["grid"], list) else "")
-        for run in _expand(where, grid, patterns, sizes, base, base_source):
+        for run in _expand(where, grid, patterns, sizes, base, ("patterns" in doc, "sizes" in doc)):
             if run.name in seen:
                 raise SweepError(f"{where}: run {run.name} is also in {seen[run.name]}; each run must appear once")
             seen[run.name] = where.split(": ", 1)[1]
@@ -263,10 +271,10 @@ def load_sweep(path) -> Sweep:
     return sweep
 
 
-def _read_labelled(path: Path, doc: dict, key: str) -> dict:
+def _read_labelled(path: Path, doc: dict, key: str, default: str) -> dict:
     value = doc.get(key)
     if value is None:
-        return {"base": None}  # one entry keeping the base's layout / widths
+        return {default: None}  # one entry keeping the base's layout / widths
     if not isinstance(value, dict) or not value:
         raise SweepError(f"{path}: {key}: must be a non-empty mapping label -> "
                          + ("layout, e.g. {transformer: '(*-)x{num_layers}'}" if key == "patterns"
@@ -274,7 +282,7 @@ def _read_labelled(path: Path, doc: dict, key: str) -> dict:
     return {_label(f"{path}: {key}", label): v for label, v in value.items()}
 
 
-def _expand(where: str, grid: Any, patterns: dict, sizes: dict, base: dict, base_source) -> list[Run]:
+def _expand(where: str, grid: Any, patterns: dict, sizes: dict, base: dict, named: tuple[bool, bool]) -> list[Run]:
     """One grid mapping -> its runs (the product of its axes), each config resolved."""
     if not isinstance(grid, dict):
         raise SweepError(f"{where}: must be a mapping of axes ({', '.join(GRID_AXES)}), not {type(grid).__name__}")
@@ -292,7 +300,7 @@ def _expand(where: str, grid: Any, patterns: dict, sizes: dict, base: dict, base
     for axis, labels, known in (("pattern", axis_patterns, patterns), ("size", axis_sizes, sizes)):
         for label in labels:
             if label not in known:
-                defined = f"the {axis}s defined: {', '.join(known)}" if list(known) != ["base"] else \
+                defined = f"the {axis}s defined: {', '.join(known)}" if named[axis == "size"] else \
                     f"no {axis}s are defined; add a top-level {axis}s: mapping"
                 raise SweepError(f"{where}.{axis}: {label!r} is not defined; {defined}")
     lrs = [_number(f"{where}.lr", v) for v in _as_list(f"{where}.lr", grid.get("lr", base["train"]["lr"]))]
@@ -302,7 +310,8 @@ def _expand(where: str, grid: Any, patterns: dict, sizes: dict, base: dict, base
     runs = []
     for pattern, size, lr, value in itertools.product(axis_patterns, axis_sizes, lrs, values):
         tag = {"budget": "c", "tokens": "d", "steps": "s"}[length_key]
-        name = f"{pattern}-{size}-lr{_fmt_value(lr)}-{tag}{_fmt_value(value)}"
+        parts = [pattern] * named[0] + [size] * named[1] + [f"lr{_fmt_value(lr)}", f"{tag}{_fmt_value(value)}"]
+        name = "-".join(parts)
         runs.append(_make_run(f"{where}: run {name}", name, pattern, size, lr, length_key, value,
                               patterns[pattern], sizes[size], base))
     return runs
@@ -310,8 +319,6 @@ def _expand(where: str, grid: Any, patterns: dict, sizes: dict, base: dict, base
 
 def _make_run(where: str, name: str, pattern: str, size: str, lr: float, length_key: str, value: float,
               layout: Any, size_fields: dict | None, base: dict) -> Run:
-    from megahybrid.flops import model_flops_per_token
-
     data = copy.deepcopy(base)
     size_fields = dict(size_fields or {})
     if layout is not None:
@@ -495,7 +502,8 @@ def stale_keys(run: Run, run_dir: Path) -> list[str]:
         return out
 
     a, b = flat(saved), flat(now)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith("data."))
+    shared = ("data.paths", "data.tokenizer")  # set to the sweep's DIR/.data/ copy when the run starts
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in shared)
 
 
 # ---------------------------------------------------------------------------- progress
@@ -554,7 +562,8 @@ def run_sweep(sweep: Sweep, out_dir: Path, only: list[int] | None = None, say=pr
             if changed:
                 say(f"note: {r.name} finished with a different config ({', '.join(changed[:4])}"
                     f"{', ...' if len(changed) > 4 else ''}); kept it; delete {out_dir / r.name} to retrain it")
-    start, flops_done = time.time(), 0.0
+    # ETA from steps, not FLOPs: small models are overhead-bound, so time follows the step count.
+    start, steps_done = time.time(), 0
     for i, r in enumerate(todo, 1):
         say(f"\n[{i}/{len(todo)}] {r.name}: {r.config.train.steps} steps; log: {out_dir / r.name / 'train.log'}",
             flush=True)
@@ -564,10 +573,10 @@ def run_sweep(sweep: Sweep, out_dir: Path, only: list[int] | None = None, say=pr
             say(f"megahybrid sweep: stopped during {r.name} ({status[r.name][1]}); re-run the same "
                 "command to continue (finished runs are skipped)", flush=True)
             return 0
-        flops_done += r.flops
+        steps_done += r.config.train.steps
         elapsed = time.time() - start
-        rest = sum(q.flops for q in todo[i:])
-        eta = f", about {_clock(elapsed / flops_done * rest)} to go" if rest and flops_done else ""
+        rest = sum(q.config.train.steps for q in todo[i:])
+        eta = f", about {_clock(elapsed / steps_done * rest)} to go" if rest else ""
         say(progress_table(sweep.runs, status, params), flush=True)
         say(f"{i}/{len(todo)} trained in {_clock(elapsed)}{eta}", flush=True)
     failed = [name for name, (state, _) in status.items() if state == "failed"]
@@ -585,17 +594,17 @@ def run_sweep(sweep: Sweep, out_dir: Path, only: list[int] | None = None, say=pr
 
 
 def submit_array(sweep: Sweep, out_dir: Path, pending: list[int], launch_args: list[str]) -> int:
-    """Render (and submit) a Slurm job array through `megahybrid launch slurm --array`: element
-    I runs `megahybrid sweep SWEEP.yaml --out DIR --task I`."""
+    """Render (and, without --dry-run, submit) a Slurm job array through `megahybrid launch`:
+    array task I runs `megahybrid sweep SWEEP.yaml --out DIR --task I` under launch/torchrun.sh,
+    so a preempted task checkpoints, prints "preempted:" and is requeued like any `launch` job."""
+    from megahybrid.launch import slurm_array
+
+    command = ["megahybrid", "sweep", str(sweep.path.resolve()), "--out", str(out_dir.resolve()),
+               "--task", "$SLURM_ARRAY_TASK_ID"]
     try:
-        from megahybrid.launch import slurm_array  # noqa: F401  (written under issue 8)
-    except ImportError:
-        raise SweepError("--slurm: `megahybrid launch` is not available in this checkout; run the sweep "
-                         "locally (without --slurm) or submit `megahybrid sweep ... --task $SLURM_ARRAY_TASK_ID` "
-                         "as an array by hand") from None
-    return slurm_array(command=["megahybrid", "sweep", str(sweep.path.resolve()), "--out", str(out_dir.resolve()),
-                                "--task", "$SLURM_ARRAY_TASK_ID"],
-                       indices=pending, args=launch_args)
+        return slurm_array(command, pending, launch_args)
+    except ConfigError as err:  # LaunchError: a bad Slurm option
+        raise SweepError(f"--slurm: {err}") from None
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -625,7 +634,9 @@ def sweep_from_cli(args: argparse.Namespace) -> int:
             if not pending:
                 print("megahybrid sweep: every run has a summary.json; nothing to submit")
                 return 0
-            shared_data(sweep.runs[pending[0]], out_dir)  # tokenize once, before the tasks start
+            if "--dry-run" not in args.slurm:  # tokenize once, before the tasks start
+                for i in pending:
+                    shared_data(sweep.runs[i], out_dir)
             return submit_array(sweep, out_dir, pending, args.slurm)
         return run_sweep(sweep, out_dir)
     except SweepError as err:
@@ -640,7 +651,10 @@ def run_task(sweep: Sweep, out_dir: Path, index: int) -> int:
         print(f"{run.name}: finished before (summary.json exists); nothing to do")
         return 0
     state, detail = train_run(run, out_dir)
-    print(f"{run.name}: {state} {detail}")
+    if state == "stopped":  # slurm.sbatch requeues a job whose log has a line starting "preempted:"
+        print(f"preempted: {run.name}: {detail}", flush=True)
+    else:
+        print(f"{run.name}: {state} {detail}", flush=True)
     return 0 if state in ("done", "stopped") else 1
 
 

@@ -48,9 +48,22 @@ def print_config(config, run_dir: Path) -> None:
         show(section, values)
 
 
+def check_layout_supported(config) -> None:
+    """The loop trains data-parallel only; model-parallel settings must not be silently ignored."""
+    p = config.parallel
+    for name in ("tp", "pp", "ep", "cp"):
+        if getattr(p, name) != 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: `megahybrid train` runs data parallelism "
+                              f"only so far (model-parallel layouts: megahybrid.parallel tests); set parallel.{name}=1")
+    if p.vpp is not None or p.sequence_parallel or p.distributed_optimizer or p.recompute != "none":
+        raise ConfigError("parallel: vpp / sequence_parallel / distributed_optimizer / recompute are not used by "
+                          "`megahybrid train` yet; leave them at their defaults")
+
+
 def train_from_cli(config_source, out_dir, overrides) -> int:
     start = time.time()
     config = megahybrid.load_config(config_source, overrides)
+    check_layout_supported(config)
     run_dir = make_run_dir(out_dir)
     dist = distributed.setup(config.train)
     say = print if dist.is_main else (lambda *a, **k: None)

@@ -30,3 +30,13 @@ def test_missing_yaml_and_unknown_preset():
 def test_nested_unknown_key_names_path():
     with pytest.raises(ConfigError, match=r"model\.attention\.num_head: unknown key; did you mean num_heads"):
         load_config({"model": {"pattern": "*", "attention": {"num_head": 4}}})
+
+
+@pytest.mark.parametrize("override", ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.cp=2",
+                                      "parallel.recompute=full"])
+def test_train_refuses_layouts_it_cannot_run(override):
+    from megahybrid.train.run import check_layout_supported
+
+    config = load_config("default:tiny", [override, "model.pattern=MGE*", "train.seq_len=32"])
+    with pytest.raises(ConfigError, match=r"^parallel"):
+        check_layout_supported(config)
