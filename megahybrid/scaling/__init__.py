@@ -5,7 +5,8 @@
     compute_optimal(fits, 1e21)                 # {pattern: {approach: {"N", "D"}}}
     write_report(fits, "out/", budget=1e21)     # fits.json, fits.md, PNG plots
 
-Record format: `fit.py`; sweep-directory format (summary.json): `cli.py`.
+Record format: `fit.py`; sweep-directory format (summary.json): `cli.py`; the sweep file and
+the runner that writes such a directory (`megahybrid sweep`): `sweep.py`.
 """
 
 from megahybrid.scaling.fit import FitError, PatternFit, compute_optimal, fit_scaling_laws, read_records

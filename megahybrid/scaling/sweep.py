@@ -46,6 +46,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,7 +411,6 @@ def train_run(run: Run, out_dir: Path) -> tuple[str, str]:
             code = train_from_cli(run.config, str(run_dir), [])
     except Exception as err:  # one failed run must not end a sweep of many; the log has the traceback
         with open(run_dir / "train.log", "a") as log:
-            import traceback
             traceback.print_exc(file=log)
         return "failed", f"{type(err).__name__}: {err}".splitlines()[0]
     if code != 0:
@@ -439,7 +439,7 @@ def summarize(run: Run, run_dir: Path) -> dict:
     from megahybrid.describe import describe
 
     info = describe(run.config)
-    embedding = info["embedding_params"] + info["head_params"]
+    embedding = info["embedding_params"] + info["head_params"]  # input embedding and LM head (untied)
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     steps = run.config.train.steps
@@ -542,26 +542,25 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(sweep: Sweep, out_dir: Path, only: list[int] | None = None, say=print) -> int:
+def run_sweep(sweep: Sweep, out_dir: Path, say=print) -> int:
     """Train every run of `sweep` without a summary.json, one after another, printing the
     progress table after each. Returns 0, or 1 if any run failed (the others still ran)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = sweep.runs if only is None else [sweep.runs[i] for i in only]
     params = {r.name: _params(r) for r in sweep.runs}
     status: dict[str, tuple[str, str]] = {}
     for r in sweep.runs:
         summary = read_summary(out_dir / r.name)
         if summary is not None:
             status[r.name] = ("skipped", f"{summary['final_loss']:.4f} (finished before)")
-    todo = [r for r in runs if r.name not in status]
-    say(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len([r for r in sweep.runs if r.name not in status])} "
-        f"finished before, {len(todo)} to train now in {out_dir}", flush=True)
-    for r in runs:
-        if r.name in status:
-            changed = stale_keys(r, out_dir / r.name)
-            if changed:
-                say(f"note: {r.name} finished with a different config ({', '.join(changed[:4])}"
-                    f"{', ...' if len(changed) > 4 else ''}); kept it; delete {out_dir / r.name} to retrain it")
+    todo = [r for r in sweep.runs if r.name not in status]
+    say(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(status)} finished before, {len(todo)} to train now "
+        f"in {out_dir}", flush=True)
+    stale = {r.name: keys for r in sweep.runs if r.name in status and (keys := stale_keys(r, out_dir / r.name))}
+    if stale:
+        keys = sorted({k for ks in stale.values() for k in ks})
+        say(f"note: {len(stale)} finished run(s) trained with another config than the sweep file gives now "
+            f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}; e.g. {next(iter(stale))}); kept; "
+            "delete a run's directory to retrain it")
     # ETA from steps, not FLOPs: small models are overhead-bound, so time follows the step count.
     start, steps_done = time.time(), 0
     for i, r in enumerate(todo, 1):

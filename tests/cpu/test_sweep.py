@@ -1,13 +1,15 @@
-"""`megahybrid sweep`: a micro sweep (2 patterns x 3 sizes, IsoFLOP budget) trains, is resumable
+"""`megahybrid sweep`: a micro sweep (2 patterns x 3 sizes x 2 IsoFLOP budgets) trains, is resumable
 (a second invocation trains nothing), writes summary.json fields that match the model and the
 FLOP counter computed here independently, and `megahybrid fit` reads it; bad sweep files give
 one-line errors naming the key.
 
-Runs use 1 thread, a 300 KB slice of the embedded corpus and ~10-40 steps of 4 x 32 tokens.
+Runs use 1 thread, a 300 KB slice of the embedded corpus and 25-150 steps of 4 x 32 tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -17,7 +19,6 @@ import torch
 import megahybrid
 from megahybrid import flops
 from megahybrid.cli import main
-from megahybrid.scaling import sweep as sweep_mod
 from megahybrid.scaling.cli import fit_from_cli, load_records
 from megahybrid.scaling.sweep import SweepError, load_sweep
 
@@ -62,9 +63,6 @@ def micro(tmp_path_factory):
     path = root / "micro.yaml"
     path.write_text(MICRO)
     out = root / "out"
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(["sweep", str(path), "--out", str(out)])
@@ -129,6 +127,17 @@ def test_second_invocation_trains_nothing(micro, monkeypatch, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == mtimes
     text = capsys.readouterr().out
     assert "12 finished before, 0 to train now" in text and text.count(" skipped ") == 12
+
+
+def test_changed_sweep_file_keeps_finished_runs_and_says_so(micro, tmp_path, capsys):
+    _, out, _ = micro
+    changed = tmp_path / "micro.yaml"
+    changed.write_text(MICRO.replace("eval_batches: 2", "eval_batches: 3"))
+    assert main(["sweep", str(changed), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "12 finished before, 0 to train now" in text
+    assert "note: 12 finished run(s) trained with another config than the sweep file gives now " \
+           "(train.eval_batches;" in text
 
 
 def test_lost_summary_is_rewritten_without_retraining(micro, monkeypatch, capsys):
@@ -253,3 +262,49 @@ def test_run_names_do_not_collide_across_grids(tmp_path):
     path.write_text("grid:\n  - {steps: [30]}\n  - {steps: [30, 40]}\n")
     with pytest.raises(SweepError, match=r"grid\[1\]: run lr0.003-s30 is also in grid\[0\]"):
         load_sweep(path)
+
+
+# ---------------------------------------------------------------------------- Slurm arrays
+
+
+def test_slurm_array_covers_only_unfinished_runs(tmp_path, capsys):
+    """`--slurm ... --dry-run` renders `megahybrid launch slurm`'s array script: one task per run
+    without summary.json, each running `megahybrid sweep SWEEP --out DIR --task <id>`."""
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO)
+    out = tmp_path / "out"
+    runs = load_sweep(path).runs
+    for r in (runs[0], runs[3]):
+        (out / r.name).mkdir(parents=True)
+        (out / r.name / "summary.json").write_text(json.dumps({"final_loss": 5.0}))
+    code = main(["sweep", str(path), "--out", str(out), "--slurm", "--nodes", "1", "--gpus-per-node", "0",
+                 "--time", "1:00:00", "--dry-run"])
+    script = capsys.readouterr().out
+    assert code == 0
+    pending = [r.index for r in runs if r.index not in (0, 3)]
+    assert f"#SBATCH --array={','.join(map(str, pending))}\n" in script
+    assert f"sweep {path.resolve()} --out {out.resolve()} --task '{{task}}'" in script
+    assert not (out / ".data").exists()  # a dry run prepares nothing
+
+
+def test_slurm_options_error_is_one_line(tmp_path, capsys):
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--slurm", "--gpus-per-node", "1",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megahybrid sweep: --slurm: ") and "--nodes" in err and "\n" not in err
+
+
+def test_task_trains_one_run(tmp_path, capsys):
+    """What one array task runs: only run TASK trains; a second call finds it finished."""
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO)
+    out = tmp_path / "out"
+    run = load_sweep(path).runs[5]
+    assert main(["sweep", str(path), "--out", str(out), "--task", "5"]) == 0
+    assert [p.parent.name for p in out.glob("*/summary.json")] == [run.name]
+    assert main(["sweep", str(path), "--out", str(out), "--task", "5"]) == 0
+    assert "finished before" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--out", str(out), "--task", "12"]) == 2
+    assert "--task=12: the sweep has runs 0..11" in capsys.readouterr().err
