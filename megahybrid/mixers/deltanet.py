@@ -56,10 +56,12 @@ class DeltaNet(Mixer):
             self.o_norm = RMSNorm(dv, eps=config.norm_eps)
         self.o_proj = linear(H * dv, hidden, std)
 
-    def forward_segment(self, x: torch.Tensor, state: State = None):
-        q, k, v, conv_state = short_conv_qkv(self, x, state)
+    def forward_segment(self, x: torch.Tensor, state: State = None, qkv=short_conv_qkv, rule=delta_rule_heads):
+        """`qkv` and `rule` are the conv and core steps; context parallelism passes its own
+        (megahybrid/parallel/mixers.py), everything else uses the defaults."""
+        q, k, v, conv_state = qkv(self, x, state)
         beta = self.b_proj(x).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
-        o, recurrent = delta_rule_heads(split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim),
+        o, recurrent = rule(split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim),
                                         split_heads(v, self.head_v_dim), beta, None, state, self.chunk_size)
         if self.output_gate:
             o = self.o_norm(o, split_heads(self.g_proj(x), self.head_v_dim))

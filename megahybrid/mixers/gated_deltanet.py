@@ -78,13 +78,14 @@ class GatedDeltaNet(Mixer):
         work = torch.promote_types(a.dtype, torch.float32)
         return -self.A_log.to(work).exp() * F.softplus(a.to(work) + self.dt_bias.to(work))
 
-    def forward_segment(self, x: torch.Tensor, state: State = None):
-        q, k, v, conv_state = short_conv_qkv(self, x, state)
+    def forward_segment(self, x: torch.Tensor, state: State = None, qkv=short_conv_qkv, rule=delta_rule_heads):
+        """`qkv` and `rule` as in `DeltaNet.forward_segment` (context parallelism swaps them)."""
+        q, k, v, conv_state = qkv(self, x, state)
         r = self.num_v_heads // self.num_qk_heads
         q = split_heads(q, self.head_k_dim).repeat_interleave(r, dim=2)
         k = split_heads(k, self.head_k_dim).repeat_interleave(r, dim=2)
         beta = self.b_proj(x).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
-        o, recurrent = delta_rule_heads(q, k, split_heads(v, self.head_v_dim), beta, self.log_decay(x),
+        o, recurrent = rule(q, k, split_heads(v, self.head_v_dim), beta, self.log_decay(x),
                                         state, self.chunk_size)
         o = self.o_norm(o, split_heads(self.g_proj(x), self.head_v_dim))
         return self.o_proj(o.flatten(-2).to(x.dtype)), {**conv_state, "recurrent": recurrent}

@@ -161,19 +161,22 @@ class SSDHeads(Mixer):
         """Width of the in_proj rows this block reads: [z | x | B | C | dt]."""
         return self.d_inner + self.conv_dim + self.nheads
 
-    def ssd_branch(self, zxbcdt: torch.Tensor, state: State):
+    def ssd_branch(self, zxbcdt: torch.Tensor, state: State, conv=None, scan=chunked_ssd):
         """in_proj rows [z | x | B | C | dt] `[b, t, ssd_width]` -> (gated, normed y `[b, t, d_inner]`, state).
-        The scan runs in float32 at least: the state sums over the whole sequence (as in mamba_ssm)."""
+        The scan runs in float32 at least: the state sums over the whole sequence (as in mamba_ssm).
+        `conv(conv1d, xBC, conv_state)` and `scan` default to the local steps; context parallelism
+        passes its own (megahybrid/parallel/mixers.py)."""
         b, T, _ = zxbcdt.shape
         G, N = self.ngroups, self.state_size
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC, conv_state = self.conv1d(xBC, None if state is None else state["conv"])
+        conv_state = None if state is None else state["conv"]
+        xBC, conv_state = self.conv1d(xBC, conv_state) if conv is None else conv(self.conv1d, xBC, conv_state)
         x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         dtype = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
-        y, ssm_state = chunked_ssd(
+        y, ssm_state = scan(
             x.reshape(b, T, self.nheads, self.head_dim).to(dtype), dt, -torch.exp(self.A_log.to(dtype)),
             B.reshape(b, T, G, N).to(dtype), C.reshape(b, T, G, N).to(dtype), self.D.to(dtype),
             None if state is None else state["ssm"], self.chunk_size)
@@ -191,8 +194,8 @@ class Mamba2(SSDHeads):
         self.in_proj = linear(config.hidden_size, self.ssd_width, config.init_std, bias=bias)
         self.out_proj = linear(self.d_inner, config.hidden_size, config.init_std, bias=bias)
 
-    def forward_segment(self, x: torch.Tensor, state: State = None):
-        y, state = self.ssd_branch(self.in_proj(x), state)
+    def forward_segment(self, x: torch.Tensor, state: State = None, conv=None, scan=chunked_ssd):
+        y, state = self.ssd_branch(self.in_proj(x), state, conv, scan)
         return self.out_proj(y), state
 
     @classmethod

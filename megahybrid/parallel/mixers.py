@@ -2,12 +2,14 @@
 
 `forward_cp(mixer, x, comm, state)` is this rank's part of `mixer(x_whole, state)`: the projections,
 norms and gates act per token and run as they are; the short convs take their halo and the
-recurrence its incoming state through `state_passing`. Each function below mirrors its mixer's
-`forward_segment` line for line with the two CP calls swapped in, because the mixers run their core
-inside `forward_segment` (see the report of issue 7 for the hook that would remove the mirroring).
+recurrence its incoming state through `state_passing`. DeltaNet, GDN and Mamba2 take their conv and
+core steps as arguments of `forward_segment`, so their CP forward is that same method with the CP
+steps passed in; the RG-LRU block's gates and scan are inlined below.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from typing import Callable
 
@@ -16,7 +18,6 @@ import torch.nn.functional as F
 
 from megahybrid.mixers.base import Mixer, State
 from megahybrid.mixers.common import ShortConv
-from megahybrid.mixers.delta_rule import split_heads
 from megahybrid.mixers.deltanet import DeltaNet
 from megahybrid.mixers.gated_deltanet import GatedDeltaNet
 from megahybrid.mixers.mamba2 import Mamba2
@@ -65,48 +66,16 @@ def _delta_qkv(mixer, x: torch.Tensor, comm: CPGroup, state: State):
     return (*(y for y, _ in outs), {f"conv_{n}": s for n, (_, s) in zip("qkv", outs)})
 
 
-def _deltanet(m: DeltaNet, x, comm, state):
-    q, k, v, conv_state = _delta_qkv(m, x, comm, state)
-    beta = m.b_proj(x).sigmoid() * (2.0 if m.allow_neg_eigval else 1.0)
-    o, recurrent = delta_rule_heads_cp(comm, split_heads(q, m.head_k_dim), split_heads(k, m.head_k_dim),
-                                       split_heads(v, m.head_v_dim), beta, None, state, m.chunk_size)
-    if m.output_gate:
-        o = m.o_norm(o, split_heads(m.g_proj(x), m.head_v_dim))
-    else:
-        o = m.o_norm(o)
-    return m.o_proj(o.flatten(-2).to(x.dtype)), {**conv_state, "recurrent": recurrent}
-
-
-def _gated_deltanet(m: GatedDeltaNet, x, comm, state):
-    q, k, v, conv_state = _delta_qkv(m, x, comm, state)
-    r = m.num_v_heads // m.num_qk_heads
-    q = split_heads(q, m.head_k_dim).repeat_interleave(r, dim=2)
-    k = split_heads(k, m.head_k_dim).repeat_interleave(r, dim=2)
-    beta = m.b_proj(x).sigmoid() * (2.0 if m.allow_neg_eigval else 1.0)
-    o, recurrent = delta_rule_heads_cp(comm, q, k, split_heads(v, m.head_v_dim), beta, m.log_decay(x),
-                                       state, m.chunk_size)
-    o = m.o_norm(o, split_heads(m.g_proj(x), m.head_v_dim))
-    return m.o_proj(o.flatten(-2).to(x.dtype)), {**conv_state, "recurrent": recurrent}
+def _deltanet(m, x, comm, state):
+    """`DeltaNet` / `GatedDeltaNet.forward_segment` with the conv halo and the core under CP."""
+    return m.forward_segment(x, state, qkv=lambda layer, t, s: _delta_qkv(layer, t, comm, s),
+                             rule=partial(delta_rule_heads_cp, comm))
 
 
 def _mamba2(m: Mamba2, x, comm, state):
-    """`Mamba2.forward_segment` = in_proj -> `SSDHeads.ssd_branch` -> out_proj."""
-    zxbcdt = m.in_proj(x)
-    b, T, _ = zxbcdt.shape
-    G, N = m.ngroups, m.state_size
-    z, xBC, dt = zxbcdt.split([m.d_inner, m.conv_dim, m.nheads], dim=-1)
-    [(xBC, conv_state)] = conv_with_halo(comm, [(m.conv1d, xBC, None if state is None else state["conv"])])
-    xs, B, C = xBC.split([m.d_inner, G * N, G * N], dim=-1)
-    dtype = torch.promote_types(xs.dtype, torch.float32)
-    dt = F.softplus(dt.to(dtype) + m.dt_bias.to(dtype))
-    if m.dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(*m.dt_limit)
-    y, ssm_state = ssd_cp(
-        comm, xs.reshape(b, T, m.nheads, m.head_dim).to(dtype), dt, -torch.exp(m.A_log.to(dtype)),
-        B.reshape(b, T, G, N).to(dtype), C.reshape(b, T, G, N).to(dtype), m.D.to(dtype),
-        None if state is None else state["ssm"], m.chunk_size)
-    y = m.norm(y.reshape(b, T, m.d_inner).to(zxbcdt.dtype), z)
-    return m.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
+    """`Mamba2.forward_segment` with the conv halo and the SSD scan under CP."""
+    return m.forward_segment(x, state, conv=lambda conv, t, s: conv_with_halo(comm, [(conv, t, s)])[0],
+                             scan=partial(ssd_cp, comm))
 
 
 def _rglru(m: RGLRUBlock, x, comm, state):
@@ -123,7 +92,7 @@ def _rglru(m: RGLRUBlock, x, comm, state):
 
 CP_FORWARDS: dict[type, Callable] = {
     DeltaNet: _deltanet,
-    GatedDeltaNet: _gated_deltanet,
+    GatedDeltaNet: _deltanet,
     Mamba2: _mamba2,
     RGLRUBlock: _rglru,
 }
