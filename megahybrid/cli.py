@@ -43,6 +43,26 @@ def cmd_sweep(args) -> int:
     return sweep_from_cli(args)
 
 
+def cmd_convert(args) -> int:
+    from megahybrid.convert import ARCHITECTURES, ConversionError, convert, load_all
+
+    if args.list:
+        load_all()
+        for name, arch in sorted(ARCHITECTURES.items()):
+            print(f"{name:18s} {arch.hf_class}" + (f"  ({arch.note})" if arch.note else ""))
+        return 0
+    if args.src is None or args.dst is None or args.to is None:
+        print("megahybrid convert: SRC, DST and --to are required (or --list)", file=sys.stderr)
+        return 2
+    try:
+        out = convert(args.src, args.dst, to=args.to, arch=args.arch, tp=args.tp, pp=args.pp, ep=args.ep)
+    except ConversionError as err:
+        print(f"megahybrid convert: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
 def cmd_launch(args) -> int:
     from megahybrid import launch
 
@@ -113,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submit the unfinished runs as a Slurm job array via `megahybrid launch slurm`; "
                          "the rest of the line goes to it")
     sw.set_defaults(fn=cmd_sweep)
+    c = sub.add_parser("convert", help="convert checkpoints: Hugging Face <-> megahybrid <-> Megatron dist")
+    c.add_argument("src", nargs="?", help="HF model dir, megahybrid checkpoint/run dir or Megatron dist checkpoint")
+    c.add_argument("dst", nargs="?", help="output directory")
+    c.add_argument("--to", choices=["hf", "megahybrid", "megatron"], help="output format")
+    c.add_argument("--arch", default=None, help="HF model_type to write (default: the one the source came from)")
+    c.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size to write")
+    c.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size to write")
+    c.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size to write")
+    c.add_argument("--list", action="store_true", help="list the supported Hugging Face architectures")
+    c.set_defaults(fn=cmd_convert)
     add_launch_parser(sub)
     return p
 
