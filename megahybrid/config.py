@@ -237,6 +237,11 @@ class ModelConfig:
     """Embeddings are multiplied by this (sqrt(hidden_size) in Gemma/RecurrentGemma)."""
     logit_softcap: Optional[float] = None
     """logits = c * tanh(logits / c) (Gemma 2, RecurrentGemma)."""
+    logit_scale: float = 1.0
+    """Logits are multiplied by this before any soft-cap (µP output multiplier: Granite's
+    1/logits_scaling, Falcon-H1's lm_head_multiplier)."""
+    residual_scale: float = 1.0
+    """Each block adds residual_scale * sublayer(norm(x)) (µP residual multiplier, Granite)."""
     init_std: float = 0.02
     max_seq_len: int = 4096
     """Longest sequence the model is used at (RoPE tables, FLOPs defaults)."""

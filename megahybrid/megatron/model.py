@@ -249,6 +249,8 @@ class MegatronLM(LanguageModule):
         hidden = self.decoder(hidden, rope, packed)
         weight = self.embedding.word_embeddings.weight if m.tie_embeddings else None
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V]
+        if m.logit_scale != 1.0:
+            logits = logits * m.logit_scale
         if m.logit_softcap:
             logits = m.logit_softcap * torch.tanh(logits / m.logit_softcap)
         if labels is not None:

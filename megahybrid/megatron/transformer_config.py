@@ -116,6 +116,9 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
              "backend='reference' for the others")
     if any(s.mtp_depth for s in specs):
         fail("model.pattern", m.pattern, "has an MTP ('/') part, which the megatron backend does not build yet; remove it")
+    if m.residual_scale != 1.0:
+        fail("model.residual_scale", m.residual_scale, "the megatron backend's layers add the sublayer output "
+             "unscaled; set it to 1.0 (or fold the scale into each sublayer's output projection)")
     a = m.attention
     if "*" in symbols:
         if a.bias:

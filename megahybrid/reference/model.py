@@ -23,12 +23,13 @@ class Block(nn.Module):
     def __init__(self, config, spec: LayerSpec, shared: dict):
         super().__init__()
         self.spec = spec
+        self.residual_scale = config.residual_scale
         self.norm = make_norm(config)
         self.mixer = REGISTRY[spec.symbol].cls()(config, index=spec.index, shared=shared)
 
     def forward(self, x, state=None, seq_idx=None, need_state=True):
         y, state = self.mixer(self.norm(x), state, seq_idx, need_state)
-        return x + y, state
+        return x + (y if self.residual_scale == 1.0 else self.residual_scale * y), state
 
 
 class ReferenceLM(nn.Module):
@@ -66,6 +67,8 @@ class ReferenceLM(nn.Module):
         x = self.final_norm(x)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
         logits = x @ weight.t()
+        if m.logit_scale != 1.0:
+            logits = logits * m.logit_scale
         if m.logit_softcap:
             logits = m.logit_softcap * torch.tanh(logits / m.logit_softcap)
         return (logits, new_state) if return_state else logits
