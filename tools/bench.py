@@ -2,10 +2,12 @@
 
     python tools/bench.py --rows a,d --precisions bf16,fp8 [--steps 10] [--json out.json]
 
-Per row and precision, both models are built from the same megahybrid Config and the same Megatron
+Per row and precision, the models are built from the same megahybrid Config and the same Megatron
 TransformerConfig (megahybrid/megatron/transformer_config.py); the baseline is Megatron's own
 `HybridModel` from its own `hybrid_stack_spec` (megahybrid.megatron.model.build_stock_hybrid_model),
-so the difference is the model assembly and the Mamba path (see megahybrid/megatron/model.py). One
+so the difference is the model assembly, the Mamba path (see megahybrid/megatron/model.py) and the
+loss: megahybrid runs TE's fused cross entropy, stock keeps Megatron's default unfused loss
+(`--impls stock+fusedce` times stock with the fused loss too). One
 step = forward, Megatron's loss (`compute_language_model_loss`, mean), backward, and a fused AdamW
 step on the (bf16) parameters, for both. Reported: tokens/s, model TFLOP/s and MFU under both FLOP
 conventions (Megatron's causal half-square, and the full square), peak memory.
@@ -104,11 +106,11 @@ class Runner:
         return f"  total {total / 1e3:.1f} ms of kernels\n" + "\n".join(lines)
 
 
-def _stock_hybrid(config, precision):
+def _stock_hybrid(config, precision, fused_loss=False):
     """Stock HybridModel's forward takes (input_ids, position_ids, attention_mask, labels=...)."""
     from megahybrid.megatron.model import build_stock_hybrid_model
 
-    model = build_stock_hybrid_model(config, precision)
+    model = build_stock_hybrid_model(config, precision, fused_loss=fused_loss)
     forward = model.forward
 
     def call(input_ids, labels=None):
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="a,d")
     ap.add_argument("--precisions", default="bf16,fp8")
     ap.add_argument("--fp8-recipe", default="tensorwise", choices=["delayed", "tensorwise", "blockwise"])
-    ap.add_argument("--impls", default="megahybrid,stock")
+    ap.add_argument("--impls", default="megahybrid,stock",
+                    help="megahybrid, stock (Megatron defaults) and/or stock+fusedce (stock with TE's fused loss)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -151,8 +154,9 @@ def main(argv=None) -> int:
             label = prec if prec == "bf16" else f"fp8-{args.fp8_recipe}"
             runners, recs = {}, {}
             for impl in args.impls.split(","):
-                build = ((lambda: build_megatron_model(config, precision)) if impl == "megahybrid"
-                         else (lambda: _stock_hybrid(config, precision)))
+                build = {"megahybrid": lambda: build_megatron_model(config, precision),
+                         "stock": lambda: _stock_hybrid(config, precision),
+                         "stock+fusedce": lambda: _stock_hybrid(config, precision, fused_loss=True)}[impl]
                 recs[impl] = {"row": row, "title": title, "precision": label, "impl": impl, "batch": batch, "seq": seq}
                 t0 = time.time()
                 try:
@@ -197,18 +201,18 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     mamba_path = "causal_conv1d fused" if have_causal_conv1d() else "megahybrid: FLA Triton conv + mamba_ssm scan; stock: non-fused (use_mamba_mem_eff_path=False)"
     print(f"\n{device}, {date}, torch {torch.__version__}; Mamba path: {mamba_path}")
-    print(f"{'row':3s} {'prec':15s} {'impl':10s} {'tok/s':>9s} {'vs stock':>8s} {'TFLOP/s':>8s} {'MFU causal':>10s} "
+    print(f"{'row':3s} {'prec':15s} {'impl':13s} {'tok/s':>9s} {'vs stock':>8s} {'TFLOP/s':>8s} {'MFU causal':>10s} "
           f"{'MFU full':>8s} {'mem GiB':>7s} {'params':>7s}")
     for r in results:
         if "error" in r:
-            print(f"{r['row']:3s} {r['precision']:15s} {r['impl']:10s} ERROR {r['error']}")
+            print(f"{r['row']:3s} {r['precision']:15s} {r['impl']:13s} ERROR {r['error']}")
             continue
         base = next((s for s in results if s["row"] == r["row"] and s["precision"] == r["precision"]
                      and s["impl"] == "stock" and "error" not in s), None)
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mfu_c = f"{100 * r['mfu_causal']:.1f}%" if r.get("mfu_causal") else "-"
         mfu_f = f"{100 * r['mfu_full']:.1f}%" if r.get("mfu_full") else "-"
-        print(f"{r['row']:3s} {r['precision']:15s} {r['impl']:10s} {r['tokens_per_s']:9.0f} {ratio:>8s} "
+        print(f"{r['row']:3s} {r['precision']:15s} {r['impl']:13s} {r['tokens_per_s']:9.0f} {ratio:>8s} "
               f"{r['tflops_causal']:8.1f} {mfu_c:>10s} {mfu_f:>8s} {r['peak_mem_gib']:7.1f} {r['params'] / 1e6:6.0f}M")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "date": date, "results": results}, indent=1))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 
 from megahybrid.convert import hf_io, native
 from megahybrid.convert.base import ConversionError, Tensors, get

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, hf_field, register, unsupported
+from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
 from megahybrid.pattern import resolve_layers
 
 MIXER_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",

@@ -306,13 +306,15 @@ def build_megatron_model(config, precision: Optional[Precision] = None) -> Megat
     return MegatronLM(config, precision)
 
 
-def build_stock_hybrid_model(config, precision: Optional[Precision] = None):
+def build_stock_hybrid_model(config, precision: Optional[Precision] = None, fused_loss: bool = False):
     """The baseline: Megatron's own `HybridModel` from its own `hybrid_stack_spec`, same pattern and
-    sizes, same TransformerConfig (so only the model assembly and the Mamba path differ)."""
+    sizes, same TransformerConfig (so only the model assembly and the Mamba path differ) except the
+    loss, which keeps Megatron's default (unfused, `cross_entropy_loss_fusion=False`) unless
+    `fused_loss`, so the benchmark can show both."""
     precision = precision or Precision()
     ensure_model_parallel(config.parallel, config.train.seed)
     m = config.model
-    tc = build_transformer_config(config, precision)
+    tc = build_transformer_config(config, precision, cross_entropy_loss_fusion=fused_loss)
     pattern = parse(layout_string(m)[0]).main
     return HybridModel(config=tc, hybrid_stack_spec=hybrid_stack_spec, vocab_size=m.vocab_size,
                        max_sequence_length=m.max_seq_len, hybrid_layer_pattern=pattern,

@@ -223,6 +223,11 @@ def build_transformer_config(config, precision: Optional[Precision] = None, **ov
         bf16=precision.params_dtype == torch.bfloat16,
         pipeline_dtype=precision.params_dtype,
         is_hybrid_model=True,
+        # The LM head's loss in one TE kernel on the bf16 logits (no fp32 copy of the [tokens, vocab]
+        # logits; the gradient is written in place). Megatron's default is off; at vocab 131072 the
+        # unfused fp32 loss was most of a step's time (README, "Megatron backend").
+        cross_entropy_loss_fusion=have_transformer_engine(),
+        cross_entropy_fusion_impl="te",
     )
     if "M" in symbols:
         d_inner, nh, G, N, P = ssd_sizes(m)
