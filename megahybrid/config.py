@@ -46,12 +46,17 @@ class AttentionConfig:
     """Fraction of head_dim that is rotated (partial rotary, e.g. 0.5 in Bamba)."""
     qk_norm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3, OLMo2)."""
+    qk_norm_scope: Literal["head", "all_heads"] = "head"
+    """With qk_norm: "head" normalises each head over head_dim (Qwen3, Qwen3-Next; weights [D]);
+    "all_heads" normalises the whole q (k) projection at once (OLMo2, OlmoHybrid; weights [H*D])."""
     window: int = 4096
     """Sliding-window size in tokens for `w` layers (a token sees itself and window-1 before)."""
     output_gate: bool = False
     """Multiply the attention output by sigmoid(W_g x) per head (Qwen3-Next gated attention)."""
     bias: bool = False
     """Bias on the q/k/v/o projections."""
+    out_bias: Optional[bool] = None
+    """Bias on o_proj alone; None = same as `bias` (RecurrentGemma: q/k/v without, o_proj with)."""
     softmax_scale: Optional[float] = None
     """Score scale; None = head_dim ** -0.5."""
 
@@ -81,6 +86,12 @@ class Mamba2Config:
     """Gated RMSNorm order: False = norm(y * silu(z)) (Mamba2, NemotronH); True = norm(y) * silu(z)."""
     use_conv_bias: bool = True
     use_bias: bool = False
+    d_inner: Optional[int] = None
+    """SSM inner width (z, x and the heads' channels); None = expand * hidden_size. Falcon-H1's
+    `mamba_d_ssm` sets it apart from the hidden size (e.g. 1536 at hidden 1024)."""
+    gated_norm: bool = True
+    """False: the output is y * silu(z) with no RMSNorm and no `norm.weight` (Falcon-H1's
+    `mamba_rms_norm=false`); True: the gated RMSNorm (`norm_before_gate` sets its order)."""
 
 
 @dataclass
@@ -117,6 +128,8 @@ class DeltaNetConfig:
     """Output RMSNorm gated by silu(W_g x); False = plain RMSNorm."""
     allow_neg_eigval: bool = False
     """beta in (0, 2) instead of (0, 1) (Grazzi et al. 2024)."""
+    use_beta: bool = True
+    """False: beta = 1 (plain delta rule, no b_proj; FLA's `use_beta=False`)."""
 
 
 @dataclass
@@ -133,6 +146,8 @@ class GatedDeltaNetConfig:
     conv_kernel: int = 4
     chunk_size: int = 64
     allow_neg_eigval: bool = False
+    norm_eps: Optional[float] = None
+    """eps of the gated output RMSNorm; None = model.norm_eps (OlmoHybrid hard-codes 1e-5, FLA's default)."""
 
 
 @dataclass
@@ -156,8 +171,9 @@ class MLPConfig:
 
     ffn_hidden_size: Optional[int] = None
     """None = 4 * hidden_size; for gated activations round(8/3 * hidden_size) rounded up to a multiple of 64."""
-    activation: Literal["swiglu", "geglu", "relu2", "gelu", "silu"] = "swiglu"
-    """swiglu/geglu are gated (two up projections); relu2 is squared ReLU (Primer, Nemotron-H)."""
+    activation: Literal["swiglu", "geglu", "geglu_tanh", "relu2", "gelu", "silu"] = "swiglu"
+    """swiglu/geglu are gated (two up projections); geglu_tanh is geglu with the tanh-approximate
+    GELU (RecurrentGemma's `gelu_pytorch_tanh`); relu2 is squared ReLU (Primer, Nemotron-H)."""
     bias: bool = False
 
 
@@ -169,14 +185,30 @@ class MoEConfig:
     top_k: int = 2
     ffn_hidden_size: Optional[int] = None
     """Per-expert width; None = the dense MLP's width."""
-    activation: Literal["swiglu", "geglu", "relu2", "gelu", "silu"] = "swiglu"
+    activation: Literal["swiglu", "geglu", "geglu_tanh", "relu2", "gelu", "silu"] = "swiglu"
     router: Literal["softmax", "sigmoid"] = "softmax"
     """softmax: Switch/Mixtral; sigmoid: DeepSeek-V3 style scores."""
     norm_topk_prob: bool = True
     """Renormalise the top-k weights to sum to 1."""
+    routed_scaling_factor: float = 1.0
+    """The top-k weights are multiplied by this after any renormalisation (DeepSeek-V3, NemotronH
+    `routed_scaling_factor`; Megatron `moe_router_topk_scaling_factor`)."""
+    score_correction_bias: bool = False
+    """A per-expert buffer `router.expert_bias [E]` added to the scores to *choose* the experts only;
+    the weights come from the unbiased scores (DeepSeek-V3 aux-loss-free balancing, NemotronH
+    `gate.e_score_correction_bias`). megahybrid keeps it fixed during training (no balancing update)."""
+    num_groups: int = 1
+    """Group-limited routing: the experts form num_groups equal groups, a group scores the sum of its
+    two best (bias-corrected) scores, and only experts of the topk_groups best groups can be chosen
+    (DeepSeek-V3 `n_group`, NemotronH). 1 = no grouping."""
+    topk_groups: int = 1
+    """Groups kept per token with num_groups > 1 (DeepSeek-V3 `topk_group`)."""
     num_shared_experts: int = 0
     shared_ffn_hidden_size: Optional[int] = None
     """Width of the (single fused) shared expert; None = num_shared_experts * ffn_hidden_size."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w . x), one learned [1, hidden] gate per layer
+    (Qwen2-MoE / Qwen3-Next `shared_expert_gate`, Megatron `moe_shared_expert_gate`)."""
     aux_loss_coeff: float = 0.01
     """Switch-Transformer load-balancing loss weight (Fedus et al. 2021, eq. 4)."""
     z_loss_coeff: float = 0.0
@@ -193,6 +225,19 @@ class SharedAttentionConfig:
     """Rank of the per-use LoRA adapters on q, k and v (0 = no adapters)."""
     num_shared_blocks: int = 1
     """Distinct shared blocks, used round-robin over the `s` positions (Zamba2 uses 2)."""
+    concat_embeddings: bool = False
+    """The block reads concat(residual stream, token embeddings) (2 * hidden wide) through its own
+    shared RMSNorm instead of the layer's pre-norm; q/k/v and their adapters are 2 * hidden wide (Zamba2)."""
+    mlp: bool = False
+    """After attention: a shared norm, then a shared MLP of `model.mlp`'s width and activation, with no
+    residual in between (Zamba2's shared transformer block)."""
+    mlp_adapter_rank: int = 0
+    """Rank of the per-use LoRA adapter on the MLP's fused [gate | up] projection (0 = none; needs mlp)."""
+    output_projection: bool = False
+    """A per-use Linear(hidden, hidden) on the block's output (Zamba2's `linear`)."""
+    output_to: Literal["residual", "next_input"] = "residual"
+    """residual: x + y like every layer; next_input: x passes unchanged and y is added to the next
+    layer's input before its norm, not to its residual: x + next(norm(x + y)) (Zamba2's hybrid layer)."""
 
 
 @dataclass
@@ -202,6 +247,16 @@ class HymbaConfig:
 
     attention_window: Optional[int] = None
     """Sliding window for the attention heads; None = global attention."""
+
+
+@dataclass
+class ParallelMixersConfig:
+    """Several mixers side by side in one block (`p`): each reads the same normed input and their
+    outputs are summed, y = sum_i mixer_i(norm(x)) (Falcon-H1: attention and Mamba2 in every layer).
+    Each mixer takes its sizes from its own section (`attention`, `mamba2`, ...)."""
+
+    mixers: list[str] = field(default_factory=lambda: ["attention", "mamba2"])
+    """Long names (or symbols) of the mixers run in parallel; each at most once, no channel layers."""
 
 
 @dataclass
@@ -242,6 +297,10 @@ class ModelConfig:
     1/logits_scaling, Falcon-H1's lm_head_multiplier)."""
     residual_scale: float = 1.0
     """Each block adds residual_scale * sublayer(norm(x)) (µP residual multiplier, Granite)."""
+    post_norm_layers: Optional[list[int]] = None
+    """0-based block indices (resolved layer order, one block per pattern symbol) computed as
+    x + norm(sublayer(x)) (post-norm, OLMo2; OlmoHybrid's attention layers) instead of the pre-norm
+    x + sublayer(norm(x)); None = every block is pre-norm."""
     init_std: float = 0.02
     max_seq_len: int = 4096
     """Longest sequence the model is used at (RoPE tables, FLOPs defaults)."""
@@ -256,6 +315,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     shared_attention: SharedAttentionConfig = field(default_factory=SharedAttentionConfig)
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
+    parallel_mixers: ParallelMixersConfig = field(default_factory=ParallelMixersConfig)
 
 
 # ------------------------------------------------------------------------- parallel, train
@@ -516,7 +576,11 @@ def validate(config: Config) -> None:
     for name in ("hidden_size", "vocab_size"):
         if getattr(m, name) <= 0:
             fail(f"model.{name}", getattr(m, name), "must be positive")
-    pattern.resolve_layers(config)  # raises ConfigError on any bad layout or size
+    num_blocks = len(pattern.resolve_layers(config))  # raises ConfigError on any bad layout or size
+    post = m.post_norm_layers or []
+    if any(i < 0 or i >= num_blocks for i in post) or len(set(post)) != len(post):
+        fail("model.post_norm_layers", m.post_norm_layers,
+             f"must list distinct block indices in [0, {num_blocks}) (one block per pattern symbol)")
     t = config.train
     if t.global_batch_size % t.micro_batch_size:
         fail("train.global_batch_size", t.global_batch_size,

@@ -43,7 +43,10 @@ def train(config, data, precision, init_state, steps: int, lr: float, warmup: in
     assert not left, f"initial weights do not fit: {left[:5]}"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    off = sorted({str(p.device) for p in params} - {"cuda:0"})
+    if off:
+        print(f"note: parameters on {off} ({sum(str(p.device) != 'cuda:0' for p in params)} tensors)", flush=True)
+    master = [p.detach().float().cuda().clone().requires_grad_(True) for p in params]
     opt = torch.optim.AdamW(master, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     losses, bad = [], 0
     start = time.time()
@@ -54,14 +57,13 @@ def train(config, data, precision, init_state, steps: int, lr: float, warmup: in
         batch = data.train_batch(step, 0).to("cuda")
         loss = model(batch.tokens, labels=batch.labels).float().mean() + model.aux_loss().float()
         loss.backward()
-        grads = [p.grad.float() if p.grad is not None else torch.zeros_like(m) for p, m in zip(params, master)]
-        norm = torch.nn.utils.clip_grad_norm_(grads, 1.0) if grads else torch.zeros(())
-        value = float(loss)
-        if not (math.isfinite(value) and math.isfinite(float(norm))):
+        for p, m in zip(params, master):
+            m.grad = torch.zeros_like(m) if p.grad is None else p.grad.detach().float().to(m.device)
+        norm = float(torch.nn.utils.clip_grad_norm_(master, 1.0))
+        value = float(loss.detach())
+        if not (math.isfinite(value) and math.isfinite(norm)):
             bad += 1
         else:
-            for m, g in zip(master, grads):
-                m.grad = g
             opt.step()
             with torch.no_grad():
                 for p, m in zip(params, master):
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
         except Exception as e:  # an unsupported recipe is a result, not a crash of the whole table
             runs[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         torch.cuda.empty_cache()
+        if "error" in runs[name] and name == "bf16":
+            raise SystemExit(f"the bf16 baseline failed: {runs[name]['error']}")
         print(name, json.dumps({k: v for k, v in runs[name].items() if k != "losses"}), flush=True)
 
     base = moving_average(runs["bf16"]["losses"])

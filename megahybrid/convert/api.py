@@ -37,7 +37,8 @@ def from_hf(path: Path):
     hf_config = hf_io.read_config(path)
     arch = get(hf_config["model_type"])
     config = megahybrid.load_config({"model": arch.config_from_hf(hf_config), "name": hf_config["model_type"]})
-    state = arch.state_from_hf(Tensors(hf_io.read_tensors(path), f"{path} ({arch.model_type})"), config.model)
+    tensors = Tensors(hf_io.read_tensors(path), f"{path} ({arch.model_type})", source_config=hf_config)
+    state = arch.state_from_hf(tensors, config.model)
     return config, state, {"hf_model_type": arch.model_type}
 
 

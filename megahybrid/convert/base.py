@@ -79,9 +79,12 @@ class Tensors:
     """A state dict that is consumed: `pop` names a missing key and lists near ones, `done`
     names every tensor nobody used."""
 
-    def __init__(self, tensors: dict, where: str):
+    def __init__(self, tensors: dict, where: str, source_config: Optional[dict] = None):
         self.tensors = dict(tensors)
         self.where = where
+        self.source_config = source_config or {}
+        """The HF config.json dict the tensors came from (HF -> megahybrid only): converters that fold
+        per-weight multipliers (Falcon-H1's µP constants) read them here."""
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors

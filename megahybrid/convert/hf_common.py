@@ -16,6 +16,15 @@ def copy(src: Tensors, src_prefix: str, out: dict, dst_prefix: str, names: Itera
         out[dst_prefix + name] = src.pop(src_prefix + name)
 
 
+def move_pairs(src: Tensors, out: dict, pairs: Iterable[tuple[str, str]], reverse: bool = False) -> None:
+    """out[b] = src.pop(a) for every (a, b) in `pairs` ((b, a) with `reverse`), so one list of
+    (hf_key, megahybrid_key) pairs serves both directions of a conversion."""
+    for a, b in pairs:
+        if reverse:
+            a, b = b, a
+        out[b] = src.pop(a)
+
+
 def experts_from_hub(src: Tensors, prefix: str, num_experts: int, gated: bool,
                      names=("gate_proj", "up_proj", "down_proj")) -> dict:
     """Per-expert `{prefix}{e}.{gate,up,down}_proj.weight` -> megahybrid's fused
@@ -46,3 +55,46 @@ def experts_to_hub(fused: dict, prefix: str, gated: bool, names=("gate_proj", "u
         else:
             out[f"{prefix}{e}.{up}.weight"] = fused["up_proj"][e]
     return out
+
+
+def rope_from_hf(hf: dict, default_fraction: float = 1.0) -> tuple[float, float]:
+    """(rope_theta, rotary_fraction) from an HF config, v5 `rope_parameters` or v4 top-level
+    `rope_theta` / `partial_rotary_factor` / `rope_scaling`. theta 0.0 = no RoPE (NoPE: OlmoHybrid's
+    released checkpoints set no rope_theta). Only plain RoPE converts: scaled variants (yarn, linear,
+    dynamic ...) change the frequencies, which megahybrid's `rotary` does not model."""
+    from megahybrid.convert.base import ConversionError
+
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ConversionError(f"HF config: rope_type={rope_type!r}; only plain RoPE ('default') converts")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_fraction))
+    return (0.0 if theta is None else float(theta)), float(fraction)
+
+
+MAMBA2_KEYS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
+"""A Mamba2 mixer's tensors; HF's Mamba2Mixer, NemotronH, Bamba and GraniteMoeHybrid mixers use
+megahybrid's names and layouts (mixers/mamba2.py), so they copy key for key."""
+
+
+def mamba2_keys(mamba2) -> list[str]:
+    """The tensor names of one Mamba2 mixer for `model.mamba2` (conv bias and projection biases optional)."""
+    keys = list(MAMBA2_KEYS)
+    if mamba2.use_conv_bias:
+        keys.append("conv1d.bias")
+    if mamba2.use_bias:
+        keys += ["in_proj.bias", "out_proj.bias"]
+    return keys
+
+
+def check_hf_mamba2(m, cls: str) -> None:
+    """HF's hybrid Mamba2 mixers (NemotronH, Bamba, GraniteMoeHybrid) always have the gated RMSNorm,
+    gate before it (norm(y * silu(z)))."""
+    from megahybrid.convert.base import unsupported
+
+    if getattr(m.mamba2, "gated_norm", True) is False:
+        raise unsupported("mamba2.gated_norm", False, f"{cls}'s Mamba2 mixer always has its gated RMSNorm")
+    if m.mamba2.norm_before_gate:
+        raise unsupported("mamba2.norm_before_gate", True, f"{cls} gates before its norm: norm(y * silu(z))")

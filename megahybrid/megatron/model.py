@@ -12,9 +12,10 @@ positions under FP8, embedding scale / logit soft-cap / tied head, and packed ro
 Mamba without the `causal_conv1d` CUDA extension: Megatron's fused training path
 (`mamba_split_conv1d_scan_combined`) needs it, and its fallback (`use_mamba_mem_eff_path=False`) runs
 the conv as an `nn.Conv1d` over a transposed copy and refuses packed sequences. `TritonMambaMixer`
-keeps Megatron's MambaMixer (parameters, init, TP layout) and replaces only its training path by
-Triton kernels: flash-linear-attention's `causal_conv1d` (varlen via cu_seqlens) ->
-mamba-ssm's `mamba_chunk_scan_combined` (document boundaries via seq_idx) -> Megatron's gated RMSNorm.
+keeps Megatron's MambaMixer (parameters, init, TP layout) and replaces only its training path:
+the conv is flash-linear-attention's Triton `causal_conv1d` for packed rows (varlen via cu_seqlens)
+and cuDNN's depthwise conv for unpacked rows (less host time per call) -> mamba-ssm's
+`mamba_chunk_scan_combined` (document boundaries via seq_idx) -> Megatron's gated RMSNorm.
 When `causal_conv1d` imports, Megatron's fused path is used unchanged.
 """
 
@@ -85,6 +86,10 @@ def ensure_model_parallel(parallel=None, seed: int = 1234) -> None:
 # ----------------------------------------------------------------------------- Mamba mixer
 
 
+_FLA_CONV_ALWAYS = os.environ.get("MEGAHYBRID_FLA_CONV") == "1"
+"""Benchmark switch: run FLA's Triton conv for unpacked rows too (bench.py compares both)."""
+
+
 @functools.cache
 def _triton_mamba_mixer():
     """`TritonMambaMixer`, defined lazily (Megatron's MambaMixer imports mamba_ssm)."""
@@ -99,6 +104,7 @@ def _triton_mamba_mixer():
             super().__init__(*args, **kwargs)
             self.use_mem_eff_path = True  # MambaMixer.forward -> our _ssm_training
             self.norm.eps = self.config.layernorm_epsilon  # Megatron fixes 1e-5; model.norm_eps rules
+            self.fla_conv_always = _FLA_CONV_ALWAYS
 
         def _ssm_training(self, zxBCdt, packed_seq_params=None):
             # Same math as MambaMixer._ssm_prefill's static path, with a varlen-aware conv.
@@ -110,8 +116,16 @@ def _triton_mamba_mixer():
             cu_seqlens = seq_idx = None
             if packed_seq_params is not None:
                 cu_seqlens, seq_idx = packed_seq_params.cu_seqlens_q, packed_seq_params.seq_idx
-            xBC, _ = causal_conv1d(x=xBC.contiguous(), weight=rearrange(self.conv1d_weight, "d 1 w -> d w"),
-                                   bias=self.conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
+            if cu_seqlens is None and not self.fla_conv_always:
+                # One sequence per row: cuDNN's depthwise conv (stock MambaMixer's fallback conv).
+                # FLA's Triton conv costs more host time per call than it saves on the GPU, and the
+                # MoE layers' host syncs leave that host time exposed (README, "Megatron backend").
+                L, K = xBC.shape[1], self.conv1d_weight.shape[-1]
+                xBC = F.silu(F.conv1d(xBC.transpose(1, 2), self.conv1d_weight, self.conv1d_bias,
+                                      padding=K - 1, groups=xBC.shape[-1])[..., :L]).transpose(1, 2)
+            else:
+                xBC, _ = causal_conv1d(x=xBC.contiguous(), weight=rearrange(self.conv1d_weight, "d 1 w -> d w"),
+                                       bias=self.conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
             x, B, C = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
             y = mamba_chunk_scan_combined(
                 rearrange(x, "b l (h p) -> b l h p", p=P).contiguous(), dt.contiguous(),
@@ -167,6 +181,7 @@ class Decoder(MegatronModule):
 
     def __init__(self, tc, m, precision: Precision, pg):
         super().__init__(config=tc)
+        self.tp_group = pg.tp
         self.layer_specs = resolve_layers(m)
         symbols = {s.symbol for s in self.layer_specs}
         specs, configs = layer_specs(m), layer_transformer_configs(tc, m, symbols)
@@ -205,6 +220,23 @@ class Decoder(MegatronModule):
             return te.fp8_autocast(enabled=False)
         return nullcontext() if delayed else get_fp8_context(tc, i)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Distributed-checkpoint view, as stock `HybridStack.sharded_state_dict` builds it
+        (hybrid_block.py): each layer's own sharded_state_dict (TP axes, Mamba/GDN in_proj split per
+        component, experts on a global expert axis) under its *global* index `layers.{layer_number - 1}`.
+        MegatronModule's default would treat the ModuleList's tensors as replicated, wrong for TP > 1."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for local, layer in enumerate(self.layers):
+            layer_sd = layer.sharded_state_dict(f"{prefix}layers.{local}.", [], metadata)
+            replace_prefix_for_sharding(layer_sd, f"{prefix}layers.{local}.", f"{prefix}layers.{layer.layer_number - 1}.")
+            out.update(layer_sd)
+        out.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,
+                                              tp_group=self.tp_group))
+        return out
+
 
 class MegatronLM(LanguageModule):
     """`model(input_ids [B, T], seq_idx=None)` -> logits `[B, T, V]`; with `labels` -> per-token loss
@@ -217,6 +249,10 @@ class MegatronLM(LanguageModule):
         super().__init__(config=tc, pg_collection=pg)
         self.model_config = m
         self.precision = precision
+        # LanguageModule.sharded_state_dict reads these: one pipeline stage; a tied head has no weight
+        # of its own (its checkpoint entry is the embedding's).
+        self.pre_process = self.post_process = True
+        self.share_embeddings_and_output_weights = m.tie_embeddings
         self.embedding = LanguageModelEmbedding(config=tc, vocab_size=m.vocab_size,
                                                 max_sequence_length=m.max_seq_len,
                                                 position_embedding_type="none", tp_group=pg.tp)

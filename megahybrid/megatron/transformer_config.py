@@ -119,14 +119,34 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
     if m.residual_scale != 1.0:
         fail("model.residual_scale", m.residual_scale, "the megatron backend's layers add the sublayer output "
              "unscaled; set it to 1.0 (or fold the scale into each sublayer's output projection)")
+    if m.post_norm_layers:
+        fail("model.post_norm_layers", m.post_norm_layers, "the megatron backend's layers are pre-norm; set it to "
+             "null or use backend='reference'")
+    if "*" in symbols and m.attention.qk_norm and m.attention.qk_norm_scope != "head":
+        fail("model.attention.qk_norm_scope", m.attention.qk_norm_scope, "Megatron's QK layernorm is per head; "
+             "use 'head' or backend='reference'")
+    if "G" in symbols and m.gdn.norm_eps is not None and m.gdn.norm_eps != m.norm_eps:
+        fail("model.gdn.norm_eps", m.gdn.norm_eps, f"Megatron's GatedDeltaNet norm uses model.norm_eps={m.norm_eps}; "
+             "set it to null")
+    if "E" in symbols and m.moe.shared_expert_gate:
+        # Megatron has it (moe_shared_expert_gate, shared_experts.gate_weight) but megatron/mapping.py does not.
+        fail("model.moe.shared_expert_gate", True, "is not wired to the megatron backend's name mapping yet; "
+             "set it to false or use backend='reference'")
     a = m.attention
     if "*" in symbols:
         if a.bias:
             fail("model.attention.bias", a.bias, "the megatron backend builds bias-free linears; set it to false")
+        if a.out_bias:
+            fail("model.attention.out_bias", a.out_bias, "the megatron backend builds bias-free linears; set it "
+                 "to false or null")
         if a.rope_theta > 0 and a.rotary_fraction * (a.head_dim or m.hidden_size // a.num_heads) % 2:
             fail("model.attention.rotary_fraction", a.rotary_fraction, "must rotate an even number of channels")
     if symbols & {"-", "E"} and m.mlp.bias:
         fail("model.mlp.bias", True, "the megatron backend builds bias-free MLPs; set it to false")
+    for part, symbol in (("mlp", "-"), ("moe", "E")):
+        if symbol in symbols and getattr(m, part).activation == "geglu_tanh":
+            fail(f"model.{part}.activation", "geglu_tanh", "the megatron backend's GLU uses the exact GELU; use "
+                 "geglu (or backend='reference')")
     if "M" in symbols:
         c = m.mamba2
         if c.use_bias or not c.use_conv_bias or c.norm_before_gate:
@@ -135,6 +155,8 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
                  "Megatron's MambaMixer needs use_bias=false, use_conv_bias=true, norm_before_gate=false")
         if tuple(c.dt_limit) != (0.0, float("inf")):
             fail("model.mamba2.dt_limit", c.dt_limit, "Megatron's MambaMixer has no dt clamp; use [0, inf]")
+        if not c.gated_norm:
+            fail("model.mamba2.gated_norm", False, "Megatron's MambaMixer always has its gated RMSNorm; set it to true")
     if "G" in symbols:
         if m.gdn.allow_neg_eigval:
             fail("model.gdn.allow_neg_eigval", True, "Megatron's GatedDeltaNet has beta in (0, 1); set it to false")
@@ -150,6 +172,12 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
             fail("model.moe.norm_topk_prob", False, "Megatron renormalises sigmoid top-k scores; set it to true")
         if moe.capacity_factor is not None and precision is not None and precision.fp8:
             fail("model.moe.capacity_factor", moe.capacity_factor, "FP8 routing pads expert inputs; use dropless (null)")
+        deepseek = {"score_correction_bias": (moe.score_correction_bias, False),
+                    "routed_scaling_factor": (moe.routed_scaling_factor, 1.0), "num_groups": (moe.num_groups, 1)}
+        for name, (value, default) in deepseek.items():
+            if value != default:  # Megatron has them (expert_bias, group-limited routing) but the mapping does not
+                fail(f"model.moe.{name}", value, "is not wired to the megatron backend yet (NemotronH/DeepSeek-V3 "
+                     f"routing); set it to {default} or use backend='reference'")
     p = getattr(config, "parallel", None)
     if p is not None:
         for name in ("pp", "cp"):

@@ -79,5 +79,7 @@ for _lt in [
               "Zamba shared attention with per-use LoRA"),
     LayerType("h", "hymba", "mixer", f"{_M}.hymba:Hymba", (), False, "Hymba parallel attention + SSM heads"),
     LayerType("m", "mamba1", "mixer", f"{_M}.mamba1:Mamba1", (), False, "Mamba1 selective scan"),
+    LayerType("p", "parallel", "mixer", f"{_M}.parallel:ParallelMixers", ("parallel_mixers",), False,
+              "mixers side by side on one input, outputs summed (Falcon-H1)"),
 ]:
     register(_lt)

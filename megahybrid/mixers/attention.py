@@ -7,7 +7,7 @@ RoPE and the KV cache around it; the Hymba mixer uses it for its attention heads
 Layout of one layer (`[B, T, hidden]` in and out):
     q, gate = q_proj(x) per head [q_h, gate_h]   (gate only with `output_gate`, Qwen3-Next layout)
     k, v    = k_proj(x), v_proj(x)               (num_kv_heads heads; GQA shares them over groups)
-    q, k    = q_norm(q), k_norm(k)               (per head, before RoPE; only with `qk_norm`)
+    q, k    = q_norm(q), k_norm(k)               (per head, or over all heads with qk_norm_scope="all_heads"; before RoPE; only with `qk_norm`)
     q, k    = RoPE(q, k) at positions past..past+T-1 (first `rotary_fraction` of each head)
     o       = softmax(scale * q k^T + causal/window mask) v
     y       = o_proj(o * sigmoid(gate))
@@ -116,11 +116,13 @@ class Attention(Mixer):
     window: Optional[int] = None
     """Sliding window in tokens; None = global (set by `SlidingWindowAttention`)."""
 
-    def __init__(self, config, index: int = 0, shared: dict | None = None):
+    def __init__(self, config, index: int = 0, shared: dict | None = None, input_size: Optional[int] = None):
+        """`input_size`: width of x for q/k/v; None = hidden_size (SharedAttention's concat input is 2 * hidden)."""
         super().__init__()
         self.check(config)
         a = config.attention
         hidden = config.hidden_size
+        x_width = input_size or hidden
         self.num_heads = a.num_heads
         self.num_kv_heads = a.num_kv_heads or a.num_heads
         self.head_dim = a.head_dim or hidden // a.num_heads
@@ -131,13 +133,16 @@ class Attention(Mixer):
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         std = config.init_std
         # With the gate, q_proj rows are per head [q_h (D), gate_h (D)] (Qwen3-Next, HF layout).
-        self.q_proj = linear(hidden, q_width * (2 if a.output_gate else 1), std, a.bias)
-        self.k_proj = linear(hidden, kv_width, std, a.bias)
-        self.v_proj = linear(hidden, kv_width, std, a.bias)
-        self.o_proj = linear(q_width, hidden, std, a.bias)
+        self.q_proj = linear(x_width, q_width * (2 if a.output_gate else 1), std, a.bias)
+        self.k_proj = linear(x_width, kv_width, std, a.bias)
+        self.v_proj = linear(x_width, kv_width, std, a.bias)
+        self.o_proj = linear(q_width, hidden, std, a.bias if a.out_bias is None else a.out_bias)
+        # qk_norm_scope "all_heads": one norm over the whole projection (OLMo2), weights [H*D] / [Hkv*D].
+        self.qk_norm_all_heads = a.qk_norm_scope == "all_heads"
+        q_dim, k_dim = (q_width, kv_width) if self.qk_norm_all_heads else (self.head_dim, self.head_dim)
         if a.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+            self.q_norm = RMSNorm(q_dim, config.norm_eps, config.zero_centered_norm)
+            self.k_norm = RMSNorm(k_dim, config.norm_eps, config.zero_centered_norm)
         else:
             self.q_norm = self.k_norm = None
 
@@ -158,7 +163,11 @@ class Attention(Mixer):
     def attend(self, q, gate, k, v, state: State = None):
         """`attend_heads`, then gate and o_proj: projected heads -> `(y, state)`."""
         B, T = q.shape[:2]
-        o, state = attend_heads(q, k, v, state, q_norm=self.q_norm, k_norm=self.k_norm, rope_theta=self.rope_theta,
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if self.qk_norm_all_heads and q_norm is not None:
+            q, k = q_norm(q.flatten(-2)).view_as(q), k_norm(k.flatten(-2)).view_as(k)
+            q_norm = k_norm = None
+        o, state = attend_heads(q, k, v, state, q_norm=q_norm, k_norm=k_norm, rope_theta=self.rope_theta,
                                 rotary_fraction=self.rotary_fraction, window=self.window, scale=self.scale)
         if gate is not None:
             o = o * torch.sigmoid(gate)

@@ -103,13 +103,15 @@ def run_per_document(fn, x: torch.Tensor, state: State, seq_idx: torch.Tensor):
     groups: dict[tuple, list[int]] = {}
     for row, b in enumerate(bounds):
         groups.setdefault(b, []).append(row)
-    y = torch.empty_like(x)
+    y = None  # allocated from the first output: a mixer may change the width (SharedAttention's 2*hidden input)
     row_states: list[State] = [None] * x.shape[0]
     for b, rows in groups.items():
         idx = torch.tensor(rows, device=x.device)
         s = None if state is None else {k: v[idx] for k, v in state.items()}
         for i, (start, end) in enumerate(zip(b[:-1], b[1:])):
             out, s = fn(x[idx, start:end], s if i == 0 else None)
+            if y is None:
+                y = out.new_empty(*x.shape[:-1], out.shape[-1])
             y[idx, start:end] = out
         for j, row in enumerate(rows):
             row_states[row] = slice_state(s, slice(j, j + 1))
@@ -130,4 +132,4 @@ def run_documents_padded(fn, x: torch.Tensor, seq_idx: torch.Tensor) -> torch.Te
     padded = x.new_zeros(len(lengths), int(lengths.max()), x.shape[-1])
     padded[doc, pos] = x.reshape(B * T, -1)
     out, _ = fn(padded, None)
-    return out[doc, pos].reshape(x.shape)
+    return out[doc, pos].reshape(*x.shape[:-1], out.shape[-1])

@@ -1,6 +1,6 @@
 """DeltaNet mixer (`d`), Yang et al. 2024 (arXiv 2406.06484), with FLA's `DeltaNet` layer semantics:
 
-    q, k, v = silu(short_conv(W_{q,k,v} x));  q, k L2-normalised per head;  beta = sigmoid(W_b x)
+    q, k, v = silu(short_conv(W_{q,k,v} x));  q, k L2-normalised per head;  beta = sigmoid(W_b x) (1 without use_beta)
     o = delta_rule(q, k, v, beta)  (scale dk^-0.5);  y = W_o RMSNorm(o) [* silu(W_g x) if output_gate]
 
 beta is doubled with `allow_neg_eigval` (Grazzi et al. 2024, arXiv 2411.12537): the transition
@@ -43,7 +43,7 @@ class DeltaNet(Mixer):
         self.q_proj = linear(hidden, H * dk, std)
         self.k_proj = linear(hidden, H * dk, std)
         self.v_proj = linear(hidden, H * dv, std)
-        self.b_proj = linear(hidden, H, std)
+        self.b_proj = linear(hidden, H, std) if c.use_beta else None
         if c.conv_kernel:
             # No conv bias: FLA's default (`conv_bias=False`).
             self.q_conv1d = ShortConv(H * dk, c.conv_kernel, bias=False)
@@ -60,7 +60,9 @@ class DeltaNet(Mixer):
         """`qkv` and `rule` are the conv and core steps; context parallelism passes its own
         (megahybrid/parallel/mixers.py), everything else uses the defaults."""
         q, k, v, conv_state = qkv(self, x, state)
-        beta = self.b_proj(x).sigmoid() * (2.0 if self.allow_neg_eigval else 1.0)
+        # use_beta=False: beta = 1, as FLA's `use_beta=False` (then doubled with allow_neg_eigval too).
+        beta = q.new_ones(*q.shape[:-1], q.shape[-1] // self.head_k_dim) if self.b_proj is None else self.b_proj(x).sigmoid()
+        beta = beta * (2.0 if self.allow_neg_eigval else 1.0)
         o, recurrent = rule(split_heads(q, self.head_k_dim), split_heads(k, self.head_k_dim),
                                         split_heads(v, self.head_v_dim), beta, None, state, self.chunk_size)
         if self.output_gate:
@@ -97,7 +99,7 @@ class DeltaNet(Mixer):
         c = config.deltanet
         H, dk, dv = deltanet_sizes(config)
         hidden = config.hidden_size
-        in_proj = hidden * (2 * H * dk + H * dv + H + (H * dv if c.output_gate else 0))
+        in_proj = hidden * (2 * H * dk + H * dv + (H if c.use_beta else 0) + (H * dv if c.output_gate else 0))
         conv = c.conv_kernel * (2 * H * dk + H * dv)
         core = 4 * H * dk * dv
         return 2.0 * (in_proj + conv + core + H * dv * hidden)

@@ -68,7 +68,8 @@ class GatedDeltaNet(Mixer):
         self.dt_bias = nn.Parameter(init_dt_bias(Hv, *DT_INIT))
         for p in (self.A_log, self.dt_bias):
             p._no_weight_decay = True  # FLA / Megatron exclude these from weight decay
-        self.o_norm = GatedRMSNorm(dv, eps=config.norm_eps, norm_before_gate=True)
+        eps = config.norm_eps if c.norm_eps is None else c.norm_eps
+        self.o_norm = GatedRMSNorm(dv, eps=eps, norm_before_gate=True)
         self.o_proj = linear(Hv * dv, hidden, std)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,8 @@ class GatedDeltaNet(Mixer):
                  "must be >= 1 (GDN always has the short conv; 4 is usual)")
         if c.chunk_size < 1:
             fail("model.gdn.chunk_size", c.chunk_size, "must be >= 1 (64 is FLA's)")
+        if c.norm_eps is not None and c.norm_eps <= 0:
+            fail("model.gdn.norm_eps", c.norm_eps, "must be > 0 (or null for model.norm_eps)")
 
     @classmethod
     def flops_per_token(cls, config, seq_len: int, causal: bool = True) -> float:

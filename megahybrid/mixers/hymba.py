@@ -41,7 +41,7 @@ from megahybrid.mixers.mamba2 import SSDHeads, check_ssd, ssd_sizes
 def attention_sizes(config) -> tuple[int, int, int, int]:
     """(Hq, Hkv, D, Dv): query/kv heads, q/k head width, value head width (= d_inner / Hq)."""
     a = config.attention
-    d_inner = config.mamba2.expand * config.hidden_size
+    d_inner = ssd_sizes(config)[0]
     return a.num_heads, a.num_kv_heads or a.num_heads, a.head_dim or config.hidden_size // a.num_heads, \
         d_inner // a.num_heads
 
@@ -92,6 +92,9 @@ class Hymba(SSDHeads):
             fail("model.attention.num_heads", a.num_heads,
                  f"must divide Hymba's d_inner {d_inner} (= mamba2.expand*hidden_size): value heads are "
                  "d_inner/num_heads wide so both branches have the same width")
+        if not config.mamba2.gated_norm:
+            fail("model.mamba2.gated_norm", False, "Hymba's SSM branch is normed (its beta2 is the norm weight); "
+                 "set it to true")
         if a.output_gate:
             fail("model.attention.output_gate", True, "Hymba's attention heads have no output gate; set it to false")
         w = config.hymba.attention_window

@@ -10,6 +10,7 @@ layouts (shared/notes/hf-conversion.md), so conversion is a key-for-key copy:
     in_proj.weight [2*d_inner + 2*G*N + nh, H], rows [z | x | B | C | dt]
     conv1d.weight [conv_dim, 1, K], conv1d.bias [conv_dim], channels [x | B | C]
     A_log [nh], D [nh], dt_bias [nh], norm.weight [d_inner], out_proj.weight [H, d_inner]
+    (no norm.weight with `gated_norm=false`; d_inner = `d_inner` if set, else expand * H)
 State: {"conv": [batch, K-1, conv_dim], "ssm": [batch, nh, P, N]}.
 """
 
@@ -110,7 +111,7 @@ def chunked_ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64
 def ssd_sizes(config) -> tuple[int, int, int, int, int]:
     """(d_inner, nheads, G, N, P) from `config.mamba2`, without checking them."""
     c = config.mamba2
-    d_inner = c.expand * config.hidden_size
+    d_inner = c.expand * config.hidden_size if c.d_inner is None else c.d_inner
     return d_inner, d_inner // c.head_dim, c.num_groups, c.state_size, c.head_dim
 
 
@@ -121,10 +122,12 @@ def check_ssd(config) -> None:
     for name in ("state_size", "head_dim", "num_groups", "expand", "conv_kernel", "chunk_size"):
         if getattr(c, name) < 1:
             fail(f"model.mamba2.{name}", getattr(c, name), "must be >= 1")
-    d_inner = c.expand * config.hidden_size
+    if c.d_inner is not None and c.d_inner < 1:
+        fail("model.mamba2.d_inner", c.d_inner, "must be >= 1, or null for expand*hidden_size")
+    d_inner = ssd_sizes(config)[0]
     if d_inner % c.head_dim:
         fail("model.mamba2.head_dim", c.head_dim,
-             f"must divide d_inner {d_inner} (= expand*hidden_size); e.g. {math.gcd(d_inner, 64)}")
+             f"must divide d_inner {d_inner} (mamba2.d_inner, or expand*hidden_size); e.g. {math.gcd(d_inner, 64)}")
     nheads = d_inner // c.head_dim
     if nheads % c.num_groups:
         fail("model.mamba2.num_groups", c.num_groups,
@@ -153,8 +156,9 @@ class SSDHeads(Mixer):
         self.D = nn.Parameter(torch.ones(self.nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # mamba_ssm / Megatron exclude these from weight decay
+        # gated_norm=False (Falcon-H1): y * silu(z) with no norm, so no `norm.weight` either.
         self.norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps, group_size=self.d_inner // self.ngroups,
-                                 norm_before_gate=c.norm_before_gate)
+                                 norm_before_gate=c.norm_before_gate) if c.gated_norm else None
 
     @property
     def ssd_width(self) -> int:
@@ -180,7 +184,11 @@ class SSDHeads(Mixer):
             x.reshape(b, T, self.nheads, self.head_dim).to(dtype), dt, -torch.exp(self.A_log.to(dtype)),
             B.reshape(b, T, G, N).to(dtype), C.reshape(b, T, G, N).to(dtype), self.D.to(dtype),
             None if state is None else state["ssm"], self.chunk_size)
-        y = self.norm(y.reshape(b, T, self.d_inner).to(zxbcdt.dtype), z)
+        y = y.reshape(b, T, self.d_inner)
+        if self.norm is None:
+            y = (y * F.silu(z.to(y.dtype))).to(zxbcdt.dtype)
+        else:
+            y = self.norm(y.to(zxbcdt.dtype), z)
         return y, {"conv": conv_state, "ssm": ssm_state}
 
 

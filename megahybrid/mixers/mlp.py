@@ -3,7 +3,8 @@
     gated (swiglu, geglu):  y = down_proj(act(gate_proj x) * up_proj x)    (Shazeer 2020, arXiv 2002.05202)
     plain (relu2, gelu, silu): y = down_proj(act(up_proj x))
 relu2 is squared ReLU (So et al. 2021 "Primer", arXiv 2109.08668; Nemotron-H). GELU is the exact
-(erf) form of Hendrycks & Gimpel 2016 for both gelu and geglu.
+(erf) form of Hendrycks & Gimpel 2016 for both gelu and geglu; geglu_tanh uses its tanh
+approximation (RecurrentGemma's `gelu_pytorch_tanh`).
 
 Width (`mlp.ffn_hidden_size` None): 4 * hidden for plain activations; for gated ones 8/3 * hidden
 rounded up to a multiple of 64, which keeps the parameter count of a 4x plain MLP with three
@@ -22,8 +23,8 @@ from megahybrid.config import MLPConfig, fail
 from megahybrid.mixers.base import Mixer, State
 from megahybrid.mixers.common import linear
 
-ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "silu")
-GATED = ("swiglu", "geglu")
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "relu2", "gelu", "silu")
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 def _model_config(config):
@@ -54,6 +55,8 @@ def activate(activation: str, up: torch.Tensor, gate: Optional[torch.Tensor] = N
         return F.silu(gate) * up
     if activation == "geglu":
         return F.gelu(gate) * up
+    if activation == "geglu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     if activation == "relu2":
         return F.relu(up).square()
     if activation == "gelu":

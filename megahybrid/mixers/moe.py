@@ -2,7 +2,10 @@
 
     scores  = softmax(router x)            (Switch, Mixtral)   or sigmoid(router x)   (DeepSeek-V3)
     experts, weights = top_k(scores);  weights /= sum(weights)   (with `norm_topk_prob`)
+    (DeepSeek-V3 / NemotronH options: experts chosen on scores + expert_bias within the best groups,
+     weights *= routed_scaling_factor; see `route`)
     y = sum_j weights_j * expert_{e_j}(x) + shared_expert(x)
+    (with `shared_expert_gate`: + sigmoid(shared_expert_gate x) * shared_expert(x), Qwen3-Next)
 
 Experts are stored fused, as Hugging Face transformers 5 holds them in memory:
 `experts.gate_up_proj [E, 2I, H]` (gate rows first) and `experts.down_proj [E, H, I]`; without a
@@ -38,6 +41,7 @@ from torch import nn
 
 from megahybrid.config import MLPConfig, fail
 from megahybrid.mixers.base import Mixer, State
+from megahybrid.mixers.common import linear
 from megahybrid.mixers.mlp import MLP, check_mlp, expert_ffn, ffn_flops_per_token, is_gated, mlp_width
 
 
@@ -60,17 +64,40 @@ def shared_expert_width(config) -> int:
     return moe.shared_ffn_hidden_size or moe.num_shared_experts * expert_width(config)
 
 
-def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool):
-    """logits `[N, E]` -> (weights `[N, k]`, experts `[N, k]`, probs `[N, E]` for the aux loss)."""
+def route(logits: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool, *,
+          expert_bias: Optional[torch.Tensor] = None, num_groups: int = 1, topk_groups: int = 1,
+          scaling: float = 1.0):
+    """logits `[N, E]` -> (weights `[N, k]`, experts `[N, k]`, probs `[N, E]` for the aux loss).
+
+    DeepSeek-V3 options (`moe.score_correction_bias`, `num_groups`/`topk_groups`, `routed_scaling_factor`):
+    the experts are chosen on scores + expert_bias within the best groups, the weights are the
+    unbiased scores of the chosen experts, renormalised, times `scaling`."""
     if router == "softmax":
         scores = probs = torch.softmax(logits, dim=-1)
     else:
         scores = torch.sigmoid(logits)
         probs = scores / scores.sum(-1, keepdim=True)
-    weights, experts = torch.topk(scores, top_k, dim=-1)
+    choice = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+    if num_groups > 1:
+        choice = limit_to_groups(choice, num_groups, topk_groups)
+    experts = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, experts)
     if norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
+    if scaling != 1.0:
+        weights = weights * scaling
     return weights, experts, probs
+
+
+def limit_to_groups(choice: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek-V3, arXiv 2412.19437 section 2.1.2): a group's score is the sum
+    of its two best expert scores; experts outside the `topk_groups` best groups get -inf."""
+    N, E = choice.shape
+    grouped = choice.view(N, num_groups, E // num_groups)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, groups]
+    best = group_scores.topk(topk_groups, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -126,6 +153,20 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
 
+def check_groups(moe) -> None:
+    """The `moe.num_groups` / `moe.topk_groups` rules of group-limited routing."""
+    p, groups = "model.moe", moe.num_groups
+    if groups < 1 or moe.num_experts % groups:
+        fail(f"{p}.num_groups", groups, f"must be >= 1 and divide num_experts={moe.num_experts} (1 = no grouping)")
+    if groups > 1 and moe.num_experts // groups < 2:
+        fail(f"{p}.num_groups", groups, f"leaves {moe.num_experts // groups} expert per group; a group scores "
+             "its two best experts, so use at most num_experts/2 groups")
+    if not 1 <= moe.topk_groups <= groups:
+        fail(f"{p}.topk_groups", moe.topk_groups, f"must be in [1, num_groups={groups}]")
+    if moe.top_k > moe.topk_groups * (moe.num_experts // groups):
+        fail(f"{p}.topk_groups", moe.topk_groups, f"keeps fewer experts than top_k={moe.top_k}; raise it")
+
+
 class MoE(Mixer):
     """Token-choice top-k MoE with an optional shared expert; see the module docstring."""
 
@@ -143,9 +184,15 @@ class MoE(Mixer):
         self.capacity_factor = moe.capacity_factor
         self.router = nn.Linear(hidden, moe.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=config.init_std)
+        self.routed_scaling_factor, self.num_groups, self.topk_groups = \
+            moe.routed_scaling_factor, moe.num_groups, moe.topk_groups
+        if moe.score_correction_bias:  # a buffer: a balancing rule sets it, not the gradient (DeepSeek-V3)
+            self.router.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         self.experts = Experts(moe.num_experts, hidden, expert_width(config), moe.activation, config.init_std)
         width = shared_expert_width(config)
         self.shared_expert = MLP(config, mlp=MLPConfig(width, moe.activation)) if width else None
+        # Qwen3-Next's per-token scalar gate on the shared expert, `shared_expert_gate.weight [1, H]`.
+        self.shared_expert_gate = linear(hidden, 1, config.init_std) if moe.shared_expert_gate else None
         self.aux_loss: Optional[torch.Tensor] = None
         """Weighted load-balancing + z-loss of the last forward (None before the first)."""
 
@@ -160,7 +207,10 @@ class MoE(Mixer):
         logits = self.router(x)
         # Routing in float32 for 16-bit inputs (Mixtral/Qwen3-MoE do the same); float64 stays float64.
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        weights, experts, probs = route(logits, self.top_k, self.router_type, self.norm_topk_prob)
+        weights, experts, probs = route(logits, self.top_k, self.router_type, self.norm_topk_prob,
+                                        expert_bias=getattr(self.router, "expert_bias", None),
+                                        num_groups=self.num_groups, topk_groups=self.topk_groups,
+                                        scaling=self.routed_scaling_factor)
         self.aux_loss = self.aux_loss_coeff * load_balancing_loss(probs, experts, self.num_experts)
         if self.z_loss_coeff:
             self.aux_loss = self.aux_loss + self.z_loss_coeff * z_loss(logits)
@@ -170,7 +220,10 @@ class MoE(Mixer):
         out = self.experts(x[token], counts) * weights.flatten()[order, None].to(x.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # autocast: out may be 16-bit
         if self.shared_expert is not None:
-            y = y + self.shared_expert(x)[0]
+            shared = self.shared_expert(x)[0]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
         return y.reshape(shape), None
 
     @classmethod
@@ -189,11 +242,17 @@ class MoE(Mixer):
         if moe.shared_ffn_hidden_size is not None and (moe.shared_ffn_hidden_size < 1 or moe.num_shared_experts == 0):
             fail(f"{p}.shared_ffn_hidden_size", moe.shared_ffn_hidden_size,
                  "must be >= 1 and needs num_shared_experts >= 1 (or set it to null)")
+        if moe.shared_expert_gate and moe.num_shared_experts == 0:
+            fail(f"{p}.shared_expert_gate", True,
+                 "gates the shared expert; set num_shared_experts >= 1 or set it to false")
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             fail(f"{p}.capacity_factor", moe.capacity_factor, "must be > 0 (or null for dropless)")
         for name in ("aux_loss_coeff", "z_loss_coeff"):
             if getattr(moe, name) < 0:
                 fail(f"{p}.{name}", getattr(moe, name), "must be >= 0 (0 disables the loss)")
+        if moe.routed_scaling_factor <= 0:
+            fail(f"{p}.routed_scaling_factor", moe.routed_scaling_factor, "must be > 0 (1.0 = no scaling)")
+        check_groups(moe)
 
     @classmethod
     def flops_per_token(cls, config, seq_len: int, causal: bool = True) -> float:

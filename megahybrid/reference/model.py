@@ -18,18 +18,38 @@ from megahybrid.pattern import LayerSpec, resolve_layers
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)): one symbol of the pattern (Megatron's sublayer convention)."""
+    """x + mixer(norm(x)): one symbol of the pattern (Megatron's sublayer convention); with
+    `post_norm` x + norm(mixer(x)) (`model.post_norm_layers`, OLMo2-style).
 
-    def __init__(self, config, spec: LayerSpec, shared: dict):
+    Two variations a mixer declares (Zamba2's hybrid layer, mixers/shared_attention.py):
+    `reads_embeddings`: it gets concat(x, embeddings) without this block's norm (it has none) and
+    normalises the pair itself; `feeds_next_input`: x passes unchanged and the output is returned as
+    `carry`, which the next block adds to its input before its norm but not to its residual."""
+
+    def __init__(self, config, spec: LayerSpec, shared: dict, post_norm: bool = False):
         super().__init__()
         self.spec = spec
         self.residual_scale = config.residual_scale
+        self.post_norm = post_norm
         self.norm = make_norm(config)
         self.mixer = REGISTRY[spec.symbol].cls()(config, index=spec.index, shared=shared)
+        self.reads_embeddings = getattr(self.mixer, "reads_embeddings", False)
+        self.feeds_next_input = getattr(self.mixer, "feeds_next_input", False)
+        if self.reads_embeddings:
+            self.norm = None
 
-    def forward(self, x, state=None, seq_idx=None, need_state=True):
-        y, state = self.mixer(self.norm(x), state, seq_idx, need_state)
-        return x + (y if self.residual_scale == 1.0 else self.residual_scale * y), state
+    def forward(self, x, state=None, seq_idx=None, need_state=True, embeddings=None, carry=None):
+        """-> (x, state, carry); carry is None unless the mixer `feeds_next_input`."""
+        h = x if carry is None else x + carry
+        if self.reads_embeddings:
+            y, state = self.mixer(torch.cat([h, embeddings], dim=-1), state, seq_idx, need_state)
+        elif self.post_norm:
+            y, state = self.mixer(h, state, seq_idx, need_state)
+            y = self.norm(y)
+        else:
+            y, state = self.mixer(self.norm(h), state, seq_idx, need_state)
+        y = y if self.residual_scale == 1.0 else self.residual_scale * y
+        return (x, state, y) if self.feeds_next_input else (x + y, state, None)
 
 
 class ReferenceLM(nn.Module):
@@ -50,7 +70,11 @@ class ReferenceLM(nn.Module):
         self.embedding = nn.Embedding(m.vocab_size, m.hidden_size)
         nn.init.normal_(self.embedding.weight, std=m.init_std)
         shared: dict = {}
-        self.layers = nn.ModuleList(Block(m, spec, shared) for spec in self.specs)
+        post_norm = set(m.post_norm_layers or ())
+        self.layers = nn.ModuleList(Block(m, spec, shared, i in post_norm) for i, spec in enumerate(self.specs))
+        if self.layers[-1].feeds_next_input:
+            raise ConfigError(f"model.pattern: the last layer {self.specs[-1].symbol!r} feeds the next layer's input "
+                              "(shared_attention.output_to=next_input) but none follows; end on another layer")
         self.final_norm = make_norm(m)
         self.lm_head = None if m.tie_embeddings else linear(m.hidden_size, m.vocab_size, m.init_std)
 
@@ -61,8 +85,9 @@ class ReferenceLM(nn.Module):
         if m.embedding_scale != 1.0:
             x = x * m.embedding_scale
         new_state = []
+        embeddings, carry = x, None  # the embedding output (for `reads_embeddings`) and a `feeds_next_input` output
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, None if state is None else state[i], seq_idx, return_state)
+            x, s, carry = layer(x, None if state is None else state[i], seq_idx, return_state, embeddings, carry)
             new_state.append(s)
         x = self.final_norm(x)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight

@@ -90,6 +90,7 @@ CONFIGS = {
     "gate_qknorm_partial": dict(output_gate=True, qk_norm=True, rotary_fraction=0.5, bias=True),
     "qknorm_zero_centered": dict(qk_norm=True, zero_centered=True),
     "no_rope_scale_headdim": dict(rope_theta=0.0, softmax_scale=0.2, head_dim=10, num_kv_heads=1),
+    "out_bias_only": dict(out_bias=True, rotary_fraction=0.5),  # RecurrentGemma: bias on o_proj alone
 }
 
 
@@ -309,3 +310,39 @@ def test_check_accepts_valid_and_head_dim_override():
     cfg = ModelConfig(hidden_size=24, attention=AttentionConfig(num_heads=5, head_dim=8, window=0))
     Attention.check(cfg)
     assert Attention(cfg).q_proj.weight.shape == (40, 24)
+
+
+# ------------------------------------------------------- QK-norm over all heads (OLMo2)
+
+
+@pytest.mark.parametrize("rope_theta", [300.0, 0.0])
+def test_qk_norm_all_heads_matches_transformers_olmo_hybrid(rope_theta, monkeypatch):
+    """qk_norm_scope="all_heads" == OlmoHybridAttention (q_norm [H*D], k_norm [Hkv*D] over the whole
+    projection, then RoPE or NoPE) with copied weights; a per-head norm of the same weights differs."""
+    monkeypatch.setitem(__import__("sys").modules, "fla", None)
+    import transformers
+    from transformers.models.olmo_hybrid import modeling_olmo_hybrid as mod
+
+    cfg = make_config(qk_norm=True, qk_norm_scope="all_heads", rope_theta=rope_theta, bias=True)
+    rope = {"rope_type": "default", "rope_theta": rope_theta} if rope_theta else None
+    hf_cfg = transformers.OlmoHybridConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+                                           attention_bias=True, rms_norm_eps=1e-6, rope_parameters=rope,
+                                           pad_token_id=0, vocab_size=8)
+    hf_cfg._attn_implementation = "eager"
+    ours = build(Attention, cfg)
+    assert tuple(ours.q_norm.weight.shape) == (4 * 6,) and tuple(ours.k_norm.weight.shape) == (2 * 6,)
+    hf = mod.OlmoHybridAttention(hf_cfg, layer_idx=0)
+    hf.load_state_dict(ours.state_dict())
+    hf.double()
+    T = 13
+    x = torch.randn(2, T, HIDDEN, dtype=F64)
+    pos = None
+    if rope_theta:
+        cos, sin = mod.OlmoHybridRotaryEmbedding(hf_cfg)(x, torch.arange(T)[None].expand(2, T))
+        pos = (cos.to(F64), sin.to(F64))
+    additive = torch.zeros(T, T, dtype=F64).masked_fill(~band(T, None), float("-inf"))
+    ref, _ = hf(x, position_embeddings=pos, attention_mask=additive[None, None])
+    assert_close("y vs HF", ref, ours(x)[0], 1e-5)
+    ours.qk_norm_all_heads = False
+    ours.q_norm.weight.data, ours.k_norm.weight.data = ours.q_norm.weight[:6], ours.k_norm.weight[:6]
+    assert (ours(x)[0] - ref).abs().max() > 1e-3, "per-head norm gave the same output; the check cannot fail"

@@ -88,6 +88,35 @@ def test_flops_per_token():
     assert DeltaNet.flops_per_token(config, 4096) == 2 * (linears + conv_and_core)
 
 
+@pytest.mark.parametrize("output_gate", [False, True])
+def test_without_beta_matches_fla_naive_layer(output_gate):
+    """use_beta=False (FLA's `use_beta=False`): no b_proj, beta = 1. The layer written out by hand
+    (causal conv + silu, L2 norm, FLA's `delta_rule_recurrence` with beta = 1, RMSNorm [* silu(g)])."""
+    import torch.nn.functional as F
+
+    fla = fla_naive("delta_rule")
+    m = randomize_(deltanet(use_beta=False, output_gate=output_gate))
+    assert "b_proj.weight" not in dict(m.named_parameters())
+    x = torch.randn(2, 19, HIDDEN, dtype=torch.float64)
+
+    def conv(name):
+        w = getattr(m, f"{name}_conv1d").weight
+        y = F.conv1d(F.pad(getattr(m, f"{name}_proj")(x).transpose(1, 2), (3, 0)), w, groups=w.shape[0])
+        return F.silu(y.transpose(1, 2)).unflatten(-1, (2, -1))  # [B, T, H, d]
+
+    l2 = lambda t: t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6)
+    q, k, v = l2(conv("q")), l2(conv("k")), conv("v")
+    o, _ = fla.delta_rule_recurrence(*(to_bhtd(t) for t in (q, k, v)), torch.ones(2, 2, 19, dtype=torch.float64))
+    o = to_bhtd(o)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * m.o_norm.weight
+    if output_gate:
+        o = o * F.silu(m.g_proj(x).unflatten(-1, (2, -1)))
+    ref = m.o_proj(o.flatten(-2))
+    with torch.no_grad():
+        out, _ = m(x)
+    assert_close("y (use_beta=False)", ref.detach(), out, 1e-5)  # FLA's recurrence runs in float32
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(num_heads=0), "model.deltanet.num_heads"),
     (dict(num_heads=3, head_dim=None), "model.deltanet.num_heads"),  # 32 % 3

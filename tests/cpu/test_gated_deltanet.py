@@ -4,13 +4,18 @@ mixer contract (pieces with state, packed documents) and config errors."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from megahybrid.config import ConfigError, GatedDeltaNetConfig, ModelConfig
 from megahybrid.mixers.delta_rule import chunked_delta_rule, naive_recurrent_delta_rule
 from megahybrid.mixers.gated_deltanet import GatedDeltaNet
-from tests.cpu.test_delta_rule import delta_inputs, fla_naive, randomize_, run_hf_parity
+from tests.cpu.test_delta_rule import ROOT, delta_inputs, fla_naive, randomize_, run_hf_parity
 from tests.helpers import assert_close
 from tests.mixer_checks import check_grads, check_packing, check_pieces
 
@@ -115,3 +120,47 @@ def test_matches_hf_qwen3_5():
     """Independent model: HF Qwen3.5's GatedDeltaNet layer (its torch path, float32) on our weights
     (GQA 2 -> 4 heads, dk 8 != dv 12, T = 75, our chunk 16 vs HF's 64); see `_hf_worker`."""
     run_hf_parity(kind="gdn", hidden=HIDDEN, Hk=2, Hv=4, dk=8, dv=12, K=4, T=75, seed=0, rtol=1e-5)
+
+
+def _olmo_hybrid_worker(spec: dict) -> None:
+    """Subprocess body (fla blocked): ours with `norm_eps` / `allow_neg_eigval` vs HF
+    OlmoHybridGatedDeltaNet (FLA names, output-norm eps fixed at 1e-5, beta * 2) on the same weights;
+    then the same layer with model.norm_eps for the output norm must differ from HF."""
+    from transformers import OlmoHybridConfig
+    from transformers.models.olmo_hybrid import modeling_olmo_hybrid as hf
+
+    cells = dict(zip(hf.torch_chunk_gated_delta_rule.__code__.co_freevars,
+                     (c.cell_contents for c in hf.torch_chunk_gated_delta_rule.__closure__)))
+    assert cells["implementation"] is cells["torch_function"], "the delta rule is bound to a kernel"
+    torch.manual_seed(0)
+    c = dict(num_qk_heads=2, num_v_heads=4, qk_head_dim=8, v_head_dim=12, conv_kernel=4, chunk_size=16,
+             allow_neg_eigval=spec["neg"], norm_eps=1e-5)
+    ours = randomize_(GatedDeltaNet(ModelConfig(hidden_size=HIDDEN, norm_eps=0.5, gdn=GatedDeltaNetConfig(**c))))
+    theirs = hf.OlmoHybridGatedDeltaNet(OlmoHybridConfig(
+        hidden_size=HIDDEN, num_attention_heads=4, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=12, linear_allow_neg_eigval=spec["neg"], pad_token_id=0,
+        vocab_size=8, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]), layer_idx=0)
+    sd = ours.state_dict()
+    conv = torch.cat([sd.pop(f"{n}_conv1d.weight") for n in "qkv"])
+    theirs.load_state_dict({**sd, "conv1d.weight": conv})
+    x = torch.randn(2, 45, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        ref = theirs(x.float())
+        assert_close("gdn vs HF OlmoHybridGatedDeltaNet", ref, ours(x)[0], 1e-5)
+        ours.o_norm.eps = 0.5  # model.norm_eps, what the layer would use without gdn.norm_eps
+        assert (ours(x)[0] - ref).abs().max() > 1e-3, "the norm eps made no difference; the check cannot fail"
+
+
+@pytest.mark.parametrize("neg", [True, False])
+def test_norm_eps_and_neg_eigval_match_hf_olmo_hybrid(neg):
+    code = ("import sys, json; sys.modules['fla'] = None; sys.path.insert(0, sys.argv[1]); "
+            "from tests.cpu.test_gated_deltanet import _olmo_hybrid_worker; "
+            "_olmo_hybrid_worker(json.loads(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), json.dumps({"neg": neg})], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, f"HF parity subprocess failed:\n{proc.stderr[-3000:]}"
+
+
+def test_norm_eps_must_be_positive():
+    with pytest.raises(ConfigError, match=r"model.gdn.norm_eps=0.0: must be > 0"):
+        gdn(norm_eps=0.0)

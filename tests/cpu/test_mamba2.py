@@ -88,6 +88,28 @@ def test_matches_transformers_mamba2_mixer():
         assert_close("y vs HF Mamba2Mixer", hf(x), ours(x)[0], 2e-5)
 
 
+@pytest.mark.parametrize("gated_norm", [False, True])
+def test_d_inner_and_no_gated_norm_match_transformers_falcon_h1_mixer(gated_norm):
+    """`d_inner` apart from expand*hidden and `gated_norm=false` (y * silu(z), no norm.weight) against
+    HF's FalconH1Mixer torch path (mamba_d_ssm, mamba_rms_norm), strict key/shape matching."""
+    from transformers.models.falcon_h1.configuration_falcon_h1 import FalconH1Config
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Mixer
+
+    config = make_config(hidden=32, state_size=16, head_dim=8, num_groups=1, chunk_size=16, d_inner=40, gated_norm=gated_norm,
+                         norm_before_gate=True)
+    ours = build(config, dtype=torch.float32)
+    assert ours.d_inner == 40 and ours.nheads == 5 and ("norm.weight" in ours.state_dict()) == gated_norm
+    hf_config = FalconH1Config(hidden_size=32, mamba_d_ssm=40, mamba_n_heads=5, mamba_n_groups=1, mamba_d_state=16,
+                               mamba_chunk_size=16, mamba_rms_norm=gated_norm, mamba_norm_before_gate=True,
+                               rms_norm_eps=config.norm_eps, num_hidden_layers=1, num_attention_heads=4)
+    hf = FalconH1Mixer(hf_config, layer_idx=0).eval()
+    hf.register_buffer("mup_vector", torch.ones(1, 1, hf.in_proj.out_features), persistent=False)  # µP off
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 37, 32)
+    with torch.no_grad():
+        assert_close("y vs HF FalconH1Mixer", hf(x), ours(x)[0], 2e-5)
+
+
 def test_bfloat16_runs_close_to_float32():
     m = build(make_config(), dtype=torch.float32)
     x = torch.randn(2, 20, 16)
@@ -104,6 +126,8 @@ def test_bfloat16_runs_close_to_float32():
     ({"state_size": 0}, "model.mamba2.state_size"),
     ({"dt_limit": (0.5, 0.1)}, "model.mamba2.dt_limit"),
     ({"dt_min": 0.5, "dt_max": 0.1}, "model.mamba2.dt_min"),
+    ({"d_inner": 0}, "model.mamba2.d_inner"),
+    ({"d_inner": 30}, "model.mamba2.head_dim"),  # 30 channels, heads of 4
 ])
 def test_config_errors_are_one_line(overrides, field):
     with pytest.raises(ConfigError) as err:

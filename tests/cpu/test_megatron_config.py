@@ -58,9 +58,18 @@ def test_moe_and_gdn_get_their_own_activation():
     (["model.pattern='Mr-'"], "'r'"),
     (["model.pattern='*-'", "model.attention.bias=true"], "model.attention.bias"),
     (["model.pattern='M-'", "model.mamba2.norm_before_gate=true"], "model.mamba2"),
+    (["model.pattern='M-'", "model.mamba2.gated_norm=false"], "model.mamba2.gated_norm"),
+    (["model.pattern='p-'"], "'p'"),
     (["model.pattern='G-'", "model.gdn.allow_neg_eigval=true"], "model.gdn.allow_neg_eigval"),
     (["model.pattern='*E'", "model.moe.top_k=1"], "model.moe.norm_topk_prob"),
+    (["model.pattern='*E'", "model.moe.router=sigmoid", "model.moe.score_correction_bias=true"],
+     "model.moe.score_correction_bias"),
+    (["model.pattern='*E'", "model.moe.routed_scaling_factor=2.5"], "model.moe.routed_scaling_factor"),
+    (["model.pattern='*E'", "model.moe.num_experts=8", "model.moe.num_groups=2"], "model.moe.num_groups"),
     (["model.pattern='*-'", "parallel.pp=2"], "parallel.pp"),
+    (["model.pattern='*-'", "model.attention.out_bias=true"], "model.attention.out_bias"),
+    (["model.pattern='*-'", "model.mlp.activation=geglu_tanh"], "model.mlp.activation"),
+    (["model.pattern='*E'", "model.moe.activation=geglu_tanh"], "model.moe.activation"),
 ])
 def test_unbuildable_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
@@ -82,3 +91,18 @@ def test_bf16_positions():
     p = Precision(fp8="delayed", bf16_first_layers=1, bf16_last_layers=2, bf16_layers=(3,))
     assert p.bf16_positions(8) == {0, 3, 6, 7}
     assert Precision().bf16_positions(3) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.pattern='*-'", "model.post_norm_layers=[0]"], "model.post_norm_layers"),
+    (["model.pattern='*-'", "model.attention.qk_norm=true", "model.attention.qk_norm_scope=all_heads"],
+     "model.attention.qk_norm_scope"),
+    (["model.pattern='G-'", "model.gdn.norm_eps=0.001"], "model.gdn.norm_eps"),
+    (["model.pattern='*E'", "model.moe.num_shared_experts=1", "model.moe.shared_expert_gate=true"],
+     "model.moe.shared_expert_gate"),
+])
+def test_hf_conversion_options_are_refused(overrides, field):
+    """The options added for OlmoHybrid / Qwen3-Next conversion are reference-backend only."""
+    with pytest.raises(ConfigError) as err:
+        check_megatron(tiny(*overrides))
+    assert str(err.value).startswith(field) and "\n" not in str(err.value)

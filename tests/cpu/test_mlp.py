@@ -55,6 +55,24 @@ def test_matches_formula(activation, bias):
     assert names == {"up_proj.weight", "down_proj.weight"} | ({"gate_proj.weight"} if gated else set())
 
 
+def test_geglu_tanh_matches_tanh_formula():
+    """geglu_tanh = down((gelu_tanh(gate) * up)) with the tanh approximation written out (Hendrycks &
+    Gimpel 2016, eq. for GELU ~ 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))), biases included;
+    and it differs from the exact-GELU geglu on the same weights."""
+    torch.manual_seed(0)
+    m = MLP(make_config(activation="geglu_tanh", bias=True)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 7, HIDDEN, dtype=F64)
+    gate = x @ m.gate_proj.weight.T + m.gate_proj.bias
+    gelu_tanh = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
+    ref = (gelu_tanh * (x @ m.up_proj.weight.T + m.up_proj.bias)) @ m.down_proj.weight.T + m.down_proj.bias
+    y, _ = m(x)
+    assert_close("y (geglu_tanh)", ref, y, 1e-13)
+    assert (y - hand_mlp(m, x, "geglu")).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("hidden, activation, width", [
     (96, "swiglu", 256),   # 8/3 * 96 = 256 exactly
     (100, "geglu", 320),   # round(266.67) = 267 -> next multiple of 64

@@ -60,3 +60,33 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_post_norm_layers_compute_x_plus_norm_of_sublayer():
+    """model.post_norm_layers: those blocks are x + norm(f(x)), the others x + f(norm(x)), against the
+    block math written out here from the mixers and norms (float64, random norm weights)."""
+    torch.manual_seed(0)
+    cfg = load_config("default:tiny", ["model.pattern=G-*-", "model.post_norm_layers=[2, 3]"])
+    lm = build_model(cfg).double().eval()
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.norm.weight.normal_(1.0, 0.3)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    with torch.no_grad():
+        x = lm.embedding(ids)
+        for i, layer in enumerate(lm.layers):
+            mixer = lambda v: layer.mixer(v)[0]  # noqa: E731
+            x = x + (layer.norm(mixer(x)) if i >= 2 else mixer(layer.norm(x)))
+        expected = lm.final_norm(x) @ lm.lm_head.weight.T
+        assert_close("post-norm LM", expected, lm(ids), 1e-12)
+        pre = build_model(load_config("default:tiny", ["model.pattern=G-*-"])).double().eval()
+        pre.load_state_dict(lm.state_dict())
+        assert (pre(ids) - expected).abs().max() > 1e-3, "post-norm made no difference; the check cannot fail"
+
+
+def test_post_norm_layers_out_of_range_is_one_line_error():
+    from megahybrid.config import ConfigError
+
+    message = r"model.post_norm_layers=\[4\]: must list distinct block indices in \[0, 4\)"
+    with pytest.raises(ConfigError, match=message):
+        load_config("default:tiny", ["model.pattern=G-*-", "model.post_norm_layers=[4]"])

@@ -235,3 +235,122 @@ def test_check_errors_are_one_line(moe, match):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError):
         MoE(make_config(**moe))
+
+
+# ------------------------------------------------- DeepSeek-V3 / NemotronH routing options
+
+NEMOTRON_CASES = {
+    "bias-groups-scaled": dict(num_groups=4, topk_groups=2, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "bias-unnormalised-scaled": dict(num_groups=1, topk_groups=1, routed_scaling_factor=1.7, norm_topk_prob=False),
+}
+
+
+@pytest.mark.parametrize("case", list(NEMOTRON_CASES))
+def test_matches_transformers_nemotron_h_moe(case, monkeypatch):
+    """== NemotronHMoE (sigmoid router, e_score_correction_bias for the choice only, group-limited
+    top-k, routed_scaling_factor, relu2 experts + shared expert) with copied weights, float32. The
+    options must matter: switching each off changes the output."""
+    monkeypatch.setitem(__import__("sys").modules, "fla", None)
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    opts = NEMOTRON_CASES[case]
+    config = make_config(num_experts=8, router="sigmoid", activation="relu2", num_shared_experts=1,
+                         shared_ffn_hidden_size=10, score_correction_bias=True, **opts)
+    m = build(config).float()
+    with torch.no_grad():
+        m.router.expert_bias.normal_(std=0.5)  # large enough to change which experts are chosen
+    hf = NemotronHMoE(NemotronHConfig(
+        hidden_size=HIDDEN, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=WIDTH,
+        moe_shared_expert_intermediate_size=10, n_group=opts["num_groups"], topk_group=opts["topk_groups"],
+        routed_scaling_factor=opts["routed_scaling_factor"], norm_topk_prob=opts["norm_topk_prob"],
+        mlp_hidden_act="relu2"))
+    with torch.no_grad():
+        hf.gate.weight.copy_(m.router.weight)
+        hf.gate.e_score_correction_bias.copy_(m.router.expert_bias)
+        hf.experts.up_proj.copy_(m.experts.up_proj)
+        hf.experts.down_proj.copy_(m.experts.down_proj)
+        hf.shared_experts.up_proj.weight.copy_(m.shared_expert.up_proj.weight)
+        hf.shared_experts.down_proj.weight.copy_(m.shared_expert.down_proj.weight)
+    x = torch.randn(2, 9, HIDDEN)
+    y = m(x)[0]
+    assert_close("y vs transformers NemotronHMoE", hf(x), y, 1e-5)
+
+    def changed(**off):
+        saved = {k: getattr(m, k) for k in off}
+        for k, v in off.items():
+            setattr(m, k, v)
+        try:
+            return (m(x)[0] - y).abs().max() > 1e-4
+        finally:
+            for k, v in saved.items():
+                setattr(m, k, v)
+
+    assert changed(routed_scaling_factor=1.0)
+    if opts["num_groups"] > 1:
+        assert changed(num_groups=1)
+    bias = m.router.expert_bias.clone()
+    with torch.no_grad():
+        m.router.expert_bias.zero_()
+    assert (m(x)[0] - y).abs().max() > 1e-4, "the bias must change the choice of experts"
+    with torch.no_grad():
+        m.router.expert_bias.copy_(bias)
+
+
+def test_expert_bias_is_a_buffer_in_the_state_dict():
+    m = MoE(make_config(router="sigmoid", score_correction_bias=True))
+    assert "router.expert_bias" in m.state_dict()
+    assert "router.expert_bias" not in dict(m.named_parameters())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_groups", 3, "must be >= 1 and divide num_experts=8"),
+    ("num_groups", 8, "leaves 1 expert per group"),
+    ("topk_groups", 5, r"must be in \[1, num_groups=4\]"),
+    ("routed_scaling_factor", 0.0, "must be > 0"),
+])
+def test_routing_option_errors(field, value, message):
+    opts = {"num_experts": 8, "num_groups": 4, "topk_groups": 2, field: value}
+    with pytest.raises(ConfigError, match=f"model.moe.{field}={value!r}: {message}"):
+        MoE(make_config(**opts))
+
+
+# ------------------------------------------------------ Qwen3-Next gated shared expert
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_shared_expert_gate_matches_transformers_qwen3_next(norm_topk_prob, monkeypatch):
+    """== Qwen3NextSparseMoeBlock (softmax top-k router, shared expert scaled by
+    sigmoid(shared_expert_gate x)) with copied weights, float32; without the gate it differs."""
+    monkeypatch.setitem(__import__("sys").modules, "fla", None)
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    config = make_config(norm_topk_prob=norm_topk_prob, num_shared_experts=1, shared_ffn_hidden_size=7,
+                         shared_expert_gate=True)
+    m = build(config).float()
+    with torch.no_grad():
+        m.shared_expert_gate.weight.normal_(std=1.0)
+    hf_cfg = Qwen3NextConfig(hidden_size=HIDDEN, moe_intermediate_size=WIDTH, shared_expert_intermediate_size=7,
+                             num_experts=5, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, hidden_act="silu")
+    hf = Qwen3NextSparseMoeBlock(hf_cfg)
+    with torch.no_grad():
+        hf.gate.weight.copy_(m.router.weight)
+        hf.experts.gate_up_proj.copy_(m.experts.gate_up_proj)
+        hf.experts.down_proj.copy_(m.experts.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_expert, name).weight.copy_(getattr(m.shared_expert, name).weight)
+        hf.shared_expert_gate.weight.copy_(m.shared_expert_gate.weight)
+    x = torch.randn(2, 9, HIDDEN)
+    expected = hf(x)
+    assert_close("y vs transformers", expected, m(x)[0], 1e-5)
+    m.shared_expert_gate = None
+    assert (m(x)[0] - expected).abs().max() > 1e-3, "the gate made no difference; the check cannot fail"
+
+
+def test_shared_expert_gate_parameter_and_error():
+    m = MoE(make_config(num_shared_experts=1, shared_expert_gate=True))
+    assert tuple(m.state_dict()["shared_expert_gate.weight"].shape) == (1, HIDDEN)
+    assert "shared_expert_gate.weight" not in MoE(make_config(num_shared_experts=1)).state_dict()
+    with pytest.raises(ConfigError, match=re.escape("model.moe.shared_expert_gate=True: gates the shared expert")):
+        MoE(make_config(shared_expert_gate=True))

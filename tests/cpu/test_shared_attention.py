@@ -148,3 +148,143 @@ def test_check_errors_are_one_line(rank, blocks, attn, field):
     assert msg.startswith(field + ":") and "\n" not in msg, msg
     with pytest.raises(ConfigError):
         SharedAttention(cfg, shared={})
+
+
+# ------------------------------------------------------------- Zamba2 options (concat, MLP, linear, next_input)
+
+ZAMBA2_OPTIONS = dict(concat_embeddings=True, mlp=True, output_projection=True, output_to="next_input")
+
+
+def zamba2_config(rank: int = 3, blocks: int = 2, **options) -> ModelConfig:
+    """HIDDEN=24, 4 heads of 2*24/4 = 12, scores scaled by (12/2)^-0.5 as in Zamba2Attention."""
+    from megahybrid.config import MLPConfig
+
+    return ModelConfig(hidden_size=HIDDEN, init_std=0.2, vocab_size=40,
+                       attention=AttentionConfig(num_heads=4, head_dim=12, softmax_scale=6 ** -0.5),
+                       mlp=MLPConfig(ffn_hidden_size=20, activation="geglu"),
+                       shared_attention=SharedAttentionConfig(adapter_rank=rank, num_shared_blocks=blocks,
+                                                              mlp_adapter_rank=rank, **{**ZAMBA2_OPTIONS, **options}))
+
+
+def _hf_zamba2_uses(uses: int, blocks: int, rank: int):
+    """transformers' shared blocks (one module per block, as Zamba2 ties them), per-use `linear`s,
+    rotary and config, float64, every parameter random."""
+    from tests.convert_checks import transformers
+
+    tf = transformers()
+    from transformers.models.zamba2 import modeling_zamba2 as hf
+
+    cfg = tf.Zamba2Config(hidden_size=HIDDEN, num_attention_heads=4, intermediate_size=20, hidden_act="gelu",
+                          adapter_rank=rank, use_shared_attention_adapter=True, use_mem_rope=True,
+                          num_mem_blocks=blocks, layers_block_type=["hybrid"] * uses, num_hidden_layers=uses,
+                          n_mamba_heads=4, mamba_d_state=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
+    hf_blocks = [hf.Zamba2AttentionDecoderLayer(cfg, block_id=b).double() for b in range(blocks)]
+    linears = [nn.Linear(HIDDEN, HIDDEN, bias=False).double() for _ in range(uses)]
+    with torch.no_grad():
+        for p in [p for m in (*hf_blocks, *linears) for p in m.parameters()]:
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))  # norms around 1
+    return cfg, hf_blocks, linears, hf.Zamba2RotaryEmbedding(cfg)
+
+
+def _copy_from_hf(ours: SharedAttention, hf_block, linear: nn.Linear, j: int) -> None:
+    """Zamba2's names -> SharedAttention's (gate_up_proj rows are [gate | up])."""
+    attn, ff = hf_block.self_attn, hf_block.feed_forward
+    pairs = {"input_norm.weight": hf_block.input_layernorm.weight, "mlp_norm.weight": hf_block.pre_ff_layernorm.weight,
+             "mlp.down_proj.weight": ff.down_proj.weight, "output_proj.weight": linear.weight,
+             "mlp.gate_proj.weight": ff.gate_up_proj.weight.chunk(2)[0],
+             "mlp.up_proj.weight": ff.gate_up_proj.weight.chunk(2)[1]}
+    for p in "qkvo":
+        pairs[f"block.{p}_proj.weight"] = getattr(attn, f"{p}_proj").weight
+    for n in (0, 1):
+        pairs[f"mlp_adapter.{n}.weight"] = ff.gate_up_proj_adapter_list[j][n].weight
+        for p in "qkv":
+            pairs[f"{p}_adapter.{n}.weight"] = getattr(attn, f"linear_{p}_adapter_list")[j][n].weight
+    params = dict(ours.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in pairs.items():
+            params[name].copy_(value)
+
+
+def test_zamba2_options_match_transformers_shared_block():
+    """SharedAttention(concat(x, e)) with the Zamba2 options == HF `linear(shared_transformer(x, e))` for
+    three uses of two round-robin blocks, each with its own adapter slot (float64 modules, causal, RoPE).
+    Each use's output is O(10), so a missing adapter, norm or swapped gate/up moves it far past 1e-6."""
+    uses, blocks, rank, T = 3, 2, 3, 11
+    cfg, hf_blocks, linears, rotary_emb = _hf_zamba2_uses(uses, blocks, rank)
+    shared: dict = {}
+    ours = [SharedAttention(zamba2_config(rank, blocks), index=j, shared=shared).double() for j in range(uses)]
+    for j, use in enumerate(ours):
+        _copy_from_hf(use, hf_blocks[j % blocks], linears[j], j)
+    assert ours[0].block is ours[2].block and ours[0].mlp is ours[2].mlp and ours[0].input_norm is ours[2].input_norm
+    x, e = torch.randn(2, T, HIDDEN, dtype=F64), torch.randn(2, T, HIDDEN, dtype=F64)
+    cos, sin = rotary_emb(x, torch.arange(T)[None])
+    mask = torch.full((T, T), float("-inf"), dtype=F64).triu(1)[None, None]
+    for j, use in enumerate(ours):
+        with torch.no_grad():
+            ref = linears[j](hf_blocks[j % blocks](x, original_hidden_states=e, layer_idx=j, attention_mask=mask,
+                                                   position_embeddings=(cos, sin)))
+            out, _ = use(torch.cat([x, e], dim=-1))
+        assert_close(f"use {j}", ref, out, 1e-6)  # HF's RMSNorm and RoPE tables run in float32
+
+
+def test_zamba2_options_pieces_and_packing():
+    """KV cache pieces == whole and packed documents == each alone, with the 2*hidden input."""
+    (layer,) = build_uses(zamba2_config(), 1)
+    check_pieces(layer, torch.randn(2, 19, 2 * HIDDEN, dtype=F64), cuts=(6, 7), rtol=1e-10)
+    check_packing(layer, torch.randn(1, 25, 2 * HIDDEN, dtype=F64), [[4, 13, 8]], rtol=1e-12)
+
+
+def test_next_input_routing_in_the_model():
+    """pattern `s-` with output_to=next_input: logits == final_norm(e + mlp(norm(e + s(concat(e, e))))) @ W^T,
+    i.e. the shared block's output reaches the next layer's input but not the residual stream."""
+    from megahybrid.reference.model import ReferenceLM
+
+    cfg = zamba2_config()
+    cfg.pattern = "s-"
+    torch.manual_seed(0)
+    model = ReferenceLM(cfg).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    s_layer, mlp_layer = model.layers
+    assert s_layer.norm is None  # the shared block normalises concat(x, e) itself
+    with torch.no_grad():
+        e = model.embedding(ids)
+        t, _ = s_layer.mixer(torch.cat([e, e], dim=-1))
+        x = e + mlp_layer.mixer(mlp_layer.norm(e + t))[0]
+        ref = model.final_norm(x) @ model.lm_head.weight.t()
+        assert_close("logits", ref, model(ids), 1e-12)
+        cfg.shared_attention.output_to = "residual"  # the default adds it to the residual: must differ
+        model_res = ReferenceLM(cfg).double()
+        model_res.load_state_dict(model.state_dict())
+        assert (model_res(ids) - ref).abs().max() > 1e-3
+
+
+def test_zamba2_flops_count_every_added_matrix():
+    """The options add 2 FLOPs per weight of every added matrix (wider q/k/v and adapters, MLP and its
+    adapter, output projection): counted from the modules' parameters, not from the formula."""
+    plain = make_config(rank=3)
+    plain.attention = AttentionConfig(num_heads=4, head_dim=12, softmax_scale=6 ** -0.5)
+    zamba = zamba2_config(rank=3, blocks=1)
+    (p_layer,), (z_layer,) = build_uses(plain, 1), build_uses(zamba, 1)
+    weights = lambda layer: sum(p.numel() for n, p in layer.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    added = weights(z_layer) - weights(p_layer)
+    assert SharedAttention.flops_per_token(zamba, 64) - SharedAttention.flops_per_token(plain, 64) == 2.0 * added
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"mlp": False}, "model.shared_attention.mlp_adapter_rank=3"),
+])
+def test_zamba2_option_errors(options, field):
+    with pytest.raises(ConfigError) as err:
+        SharedAttention.check(zamba2_config(**options))
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_next_input_needs_a_next_layer():
+    from megahybrid.reference.model import ReferenceLM
+
+    cfg = zamba2_config()
+    cfg.pattern = "-s"
+    with pytest.raises(ConfigError, match="^model.pattern: the last layer 's' feeds the next layer's input"):
+        ReferenceLM(cfg)
