@@ -55,6 +55,7 @@ def train(config, data, precision, init_state, steps: int, lr: float, warmup: in
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.1)
         batch = data.train_batch(step, 0).to("cuda")
+        model.set_is_first_microbatch()  # TE re-casts the updated weights to FP8 (else it reuses step 1's)
         loss = model(batch.tokens, labels=batch.labels).float().mean() + model.aux_loss().float()
         loss.backward()
         for p, m in zip(params, master):

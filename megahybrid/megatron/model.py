@@ -13,9 +13,9 @@ Mamba without the `causal_conv1d` CUDA extension: Megatron's fused training path
 (`mamba_split_conv1d_scan_combined`) needs it, and its fallback (`use_mamba_mem_eff_path=False`) runs
 the conv as an `nn.Conv1d` over a transposed copy and refuses packed sequences. `TritonMambaMixer`
 keeps Megatron's MambaMixer (parameters, init, TP layout) and replaces only its training path:
-the conv is flash-linear-attention's Triton `causal_conv1d` for packed rows (varlen via cu_seqlens)
-and cuDNN's depthwise conv for unpacked rows (less host time per call) -> mamba-ssm's
-`mamba_chunk_scan_combined` (document boundaries via seq_idx) -> Megatron's gated RMSNorm.
+flash-linear-attention's Triton `causal_conv1d` (varlen via cu_seqlens; on unpacked rows it
+measured as fast as cuDNN's depthwise conv, NOTES.md) -> mamba-ssm's `mamba_chunk_scan_combined`
+(document boundaries via seq_idx) -> Megatron's gated RMSNorm.
 When `causal_conv1d` imports, Megatron's fused path is used unchanged.
 """
 
@@ -86,10 +86,6 @@ def ensure_model_parallel(parallel=None, seed: int = 1234) -> None:
 # ----------------------------------------------------------------------------- Mamba mixer
 
 
-_FLA_CONV_ALWAYS = os.environ.get("MEGAHYBRID_FLA_CONV") == "1"
-"""Benchmark switch: run FLA's Triton conv for unpacked rows too (bench.py compares both)."""
-
-
 @functools.cache
 def _triton_mamba_mixer():
     """`TritonMambaMixer`, defined lazily (Megatron's MambaMixer imports mamba_ssm)."""
@@ -104,7 +100,6 @@ def _triton_mamba_mixer():
             super().__init__(*args, **kwargs)
             self.use_mem_eff_path = True  # MambaMixer.forward -> our _ssm_training
             self.norm.eps = self.config.layernorm_epsilon  # Megatron fixes 1e-5; model.norm_eps rules
-            self.fla_conv_always = _FLA_CONV_ALWAYS
 
         def _ssm_training(self, zxBCdt, packed_seq_params=None):
             # Same math as MambaMixer._ssm_prefill's static path, with a varlen-aware conv.
@@ -116,16 +111,8 @@ def _triton_mamba_mixer():
             cu_seqlens = seq_idx = None
             if packed_seq_params is not None:
                 cu_seqlens, seq_idx = packed_seq_params.cu_seqlens_q, packed_seq_params.seq_idx
-            if cu_seqlens is None and not self.fla_conv_always:
-                # One sequence per row: cuDNN's depthwise conv (stock MambaMixer's fallback conv).
-                # FLA's Triton conv costs more host time per call than it saves on the GPU, and the
-                # MoE layers' host syncs leave that host time exposed (README, "Megatron backend").
-                L, K = xBC.shape[1], self.conv1d_weight.shape[-1]
-                xBC = F.silu(F.conv1d(xBC.transpose(1, 2), self.conv1d_weight, self.conv1d_bias,
-                                      padding=K - 1, groups=xBC.shape[-1])[..., :L]).transpose(1, 2)
-            else:
-                xBC, _ = causal_conv1d(x=xBC.contiguous(), weight=rearrange(self.conv1d_weight, "d 1 w -> d w"),
-                                       bias=self.conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
+            xBC, _ = causal_conv1d(x=xBC.contiguous(), weight=rearrange(self.conv1d_weight, "d 1 w -> d w"),
+                                   bias=self.conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
             x, B, C = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
             y = mamba_chunk_scan_combined(
                 rearrange(x, "b l (h p) -> b l h p", p=P).contiguous(), dt.contiguous(),

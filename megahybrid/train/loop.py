@@ -89,6 +89,8 @@ def train_step(model, optimizer, data, step: int, lr: float, t, dist: Dist):
     sums = torch.zeros(2, device=dist.device)
     for micro in range(accum):
         batch = data.train_batch(step, micro, dist.rank, dist.world).to(dist.device)
+        if micro == 0 and hasattr(unwrap(model), "set_is_first_microbatch"):
+            unwrap(model).set_is_first_microbatch()  # Megatron/TE FP8: re-cast the updated weights once per step
         with dist.no_sync(model, sync=micro == accum - 1):
             loss = _loss(model, batch, dist)
             aux = unwrap(model).aux_loss().float()
