@@ -260,6 +260,92 @@ class ParallelMixersConfig:
 
 
 @dataclass
+class GRUConfig:
+    """minGRU (`u`), Feng et al. 2024 (arXiv 2410.01201): h_t = (1 - z_t) h_{t-1} + z_t h~_t with z_t and
+    h~_t computed from x_t alone, so a parallel scan trains it (mixers/gru.py says why not a classic GRU)."""
+
+    expand: float = 1.0
+    """Recurrence width = expand * hidden_size (lucidrains' minGRU `expansion_factor`)."""
+    candidate_activation: Literal["g", "identity"] = "g"
+    """h~_t = g(W_h x_t) with the paper's g (x + 0.5 for x >= 0, sigmoid(x) below; keeps h > 0, its
+    log-space form, appendix B.3), or W_h x_t itself (the paper's plain form)."""
+    conv_kernel: int = 0
+    """Depthwise causal conv (with bias, no activation) on the layer input before the projections;
+    0 = none (the paper has none; lucidrains' minGRU LM uses 3)."""
+    bias: bool = False
+    """Bias on to_hidden_and_gate and to_out."""
+
+
+@dataclass
+class RWKV7Config:
+    """RWKV-7 "Goose" time mixing (`k`), Peng et al. 2025 (arXiv 2503.14456), as flash-linear-attention's
+    `RWKV7Attention`. Key width = hidden_size; low-rank widths None = FLA's formulas."""
+
+    head_dim: int = 64
+    """Key (and receptance) channels per head; num_heads = hidden_size / head_dim."""
+    value_dim: Optional[int] = None
+    """Total value width; None = hidden_size. Must divide by the number of heads."""
+    decay_low_rank_dim: Optional[int] = None
+    """Rank of w_lora; None = max(32, round(2.5 sqrt(hidden) * head_dim/64 / 32) * 32) (FLA)."""
+    a_low_rank_dim: Optional[int] = None
+    """Rank of a_lora (in-context learning rate); None = same formula as decay (FLA)."""
+    gate_low_rank_dim: Optional[int] = None
+    """Rank of g_lora (output gate); None = max(32, round(5 sqrt(hidden) / 32) * 32) (FLA)."""
+    norm_eps: float = 1e-5
+    """The per-head GroupNorm on the output uses eps = head_dim * norm_eps (FLA, official RWKV-7)."""
+    chunk_size: int = 16
+    """Chunk length of the chunked reference form; its memory grows as chunk_size * head_dim per token."""
+
+
+@dataclass
+class HyenaConfig:
+    """Hyena operator (`y`), Poli et al. 2023 (arXiv 2302.10866), as safari's HyenaOperator/HyenaFilter.
+    Defaults: safari's Pile run (configs/experiment/pile/hyena.yaml: emb_dim 33, filter_order 64,
+    short filter 3, w 14) and ExponentialModulation's defaults."""
+
+    order: int = 2
+    """Depth of the recurrence: order + 1 projections (x_0 .. x_{order-1}, v), order - 1 long convolutions."""
+    filter_order: int = 64
+    """Width of the implicit filter FFN (safari's `filter_order`)."""
+    emb_dim: int = 33
+    """Positional features fed to the filter FFN: t and (emb_dim - 1) / 2 cos/sin bands; odd, >= 3."""
+    num_inner_mlps: int = 2
+    """Hidden width x width layers of the filter FFN, each followed by the sine activation."""
+    sin_freq: float = 14.0
+    """Initial w of the FFN's activation sin(w x) (safari's `w`; trainable, one shared by all its layers)."""
+    short_filter_order: int = 3
+    """Taps of the depthwise causal conv on the projections (safari's `short_filter_order`)."""
+    filter_len: Optional[int] = None
+    """Taps of each long filter (safari's `l_max`); None = model.max_seq_len. Tokens further apart do not
+    interact; generation keeps the last filter_len - 1 long-conv inputs as state."""
+    fast_decay_pct: float = 0.3
+    """Fastest channel's decay window reaches decay_target at this fraction of filter_len."""
+    slow_decay_pct: float = 1.5
+    """Slowest channel's decay window reaches decay_target at this fraction of filter_len."""
+    decay_target: float = 0.01
+    """Value of the exponential decay window at the fast/slow fractions above (safari's `target`)."""
+    modulation_shift: float = 0.0
+    """Added to the decay window: h = FFN(z) * (exp(-|delta| t) + shift) (safari's `shift`)."""
+    bias: bool = True
+    """Bias on in_proj and out_proj (safari's nn.Linear default)."""
+
+
+@dataclass
+class BasedConfig:
+    """Based linear attention (`b`), Arora et al. 2024 (arXiv 2402.18668), as flash-linear-attention's
+    `BasedLinearAttention` (2nd-order Taylor feature map, normalised, causal)."""
+
+    feature_dim: int = 16
+    """Query/key width per head before the feature map (phi has 1 + d + d(d+1)/2 features)."""
+    num_heads: int = 16
+    """Heads; each value head is hidden_size // num_heads wide (FLA's head_v_dim)."""
+    eps: float = 1e-6
+    """Added to the normaliser phi(q).sum(phi(k)) (FLA's parallel kernel and naive_parallel_based)."""
+    chunk_size: int = 64
+    """Tokens per chunk of the reference form (quadratic inside a chunk, running state across chunks)."""
+
+
+@dataclass
 class ModelConfig:
     """Architecture. The layer list comes from exactly one of: pattern, layers, or a
     backbone with attention_every / attention_layers / ratio."""
@@ -316,6 +402,10 @@ class ModelConfig:
     shared_attention: SharedAttentionConfig = field(default_factory=SharedAttentionConfig)
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
     parallel_mixers: ParallelMixersConfig = field(default_factory=ParallelMixersConfig)
+    gru: GRUConfig = field(default_factory=GRUConfig)
+    rwkv7: RWKV7Config = field(default_factory=RWKV7Config)
+    hyena: HyenaConfig = field(default_factory=HyenaConfig)
+    based: BasedConfig = field(default_factory=BasedConfig)
 
 
 # ------------------------------------------------------------------------- parallel, train

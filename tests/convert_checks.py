@@ -12,6 +12,7 @@ at import time and fails on a CPU (shared/notes/hf-conversion.md).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def assert_logits(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float =
     assert torch.isfinite(ref).all() and torch.isfinite(out).all(), f"{name}: NaN/Inf in the logits"
     diff = (out.double() - ref.double()).abs()
     worst = float(diff.max())
+    if os.environ.get("MEGAHYBRID_REPORT"):  # `MEGAHYBRID_REPORT=1 pytest -s tests/cpu/convert`: the README's numbers
+        print(f"\n[logits] {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]} {name}: max |diff| {worst:.1e}")
     if not worst <= atol:
         idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
         raise AssertionError(f"{name}: max |diff| {worst:.3e} > {atol:.0e} (max |logit| "

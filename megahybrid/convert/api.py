@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
+
 
 from megahybrid.convert import hf_io, native
 from megahybrid.convert.base import ConversionError, Tensors, get
@@ -39,6 +41,7 @@ def from_hf(path: Path):
     config = megahybrid.load_config({"model": arch.config_from_hf(hf_config), "name": hf_config["model_type"]})
     tensors = Tensors(hf_io.read_tensors(path), f"{path} ({arch.model_type})", source_config=hf_config)
     state = arch.state_from_hf(tensors, config.model)
+    check_fits(config, state, f"{path} ({arch.model_type})")
     return config, state, {"hf_model_type": arch.model_type}
 
 
@@ -87,21 +90,31 @@ def convert(src, dst, to: Format, arch: Optional[str] = None, tp: int = 1, pp: i
     return dst
 
 
+def check_fits(config, state: dict, where: str) -> None:
+    """Every ReferenceLM tensor present with its shape, nothing extra; the model is built on the meta
+    device, so this costs no memory. Errors name the tensor and both shapes."""
+    import megahybrid
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in megahybrid.build_model(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{where}: the tensors do not fit the model; missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}")
+    for key, t in state.items():
+        if tuple(t.shape) != expected[key]:
+            raise ConversionError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                                  f"{expected[key]}")
+
+
 def load_reference(path, fmt: Optional[Format] = None):
     """(ReferenceLM in eval mode, Config) from any supported format; strict: every tensor must fit."""
     import megahybrid
 
     config, state, _ = read(Path(path), fmt)
+    check_fits(config, state, str(path))
     model = megahybrid.build_model(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(f"{path}: state does not fit the model; missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
-    for key, t in state.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise ConversionError(f"tensor {key!r}: shape {tuple(t.shape)} in the checkpoint, "
-                                  f"{tuple(expected[key].shape)} in the model")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     return model.eval(), config

@@ -81,5 +81,9 @@ for _lt in [
     LayerType("m", "mamba1", "mixer", f"{_M}.mamba1:Mamba1", (), False, "Mamba1 selective scan"),
     LayerType("p", "parallel", "mixer", f"{_M}.parallel:ParallelMixers", ("parallel_mixers",), False,
               "mixers side by side on one input, outputs summed (Falcon-H1)"),
+    LayerType("u", "gru", "mixer", f"{_M}.gru:MinGRU", ("mingru",), False, "minGRU (parallel-scan GRU)"),
+    LayerType("k", "rwkv7", "mixer", f"{_M}.rwkv7:RWKV7", (), False, "RWKV-7 time mixing (generalised delta rule)"),
+    LayerType("y", "hyena", "mixer", f"{_M}.hyena:Hyena", (), False, "Hyena long convolution (implicit filters)"),
+    LayerType("b", "based", "mixer", f"{_M}.based:Based", (), False, "Based Taylor linear attention"),
 ]:
     register(_lt)

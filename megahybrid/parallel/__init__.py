@@ -17,6 +17,11 @@ once; the chain itself is R tiny matmuls.
     y_local, state = forward_cp(mixer, x_local, comm)
     loss = cp_token_loss(token_loss, mask_local, comm)   # finite when a rank holds only padding
 
+The whole LM (`model.py`): `cp_forward_lm(model, comm.shard(input_ids), comm)` runs every layer on
+this rank's tokens (attention all-gathers keys and values, `attention.py`; MLP/MoE act per token, MoE
+aux-loss statistics are all-reduced); `megahybrid train parallel.cp=N` uses it through
+`ContextParallelLM` (train/dist.py).
+
 Layout. Recurrences need every rank's tokens to be contiguous *pieces* of the sequence, each with one
 incoming state; Transformer Engine's attention CP instead gives rank r the pieces r and 2R-1-r
 (zigzag) so that causal attention work is balanced. Both are supported (`layout=`): a rank's pieces
@@ -43,6 +48,9 @@ boundary inside a slot.
 
 from megahybrid.parallel.group import CPGroup, DistributedCP, SimulatedCP, check_cp_length
 from megahybrid.parallel.mixers import CP_FORWARDS, cp_token_loss, forward_cp
+from megahybrid.parallel.attention import attention_cp
+from megahybrid.parallel.model import ContextParallelLM, check_context_parallel, cp_forward_lm, cp_lm_loss
 
-__all__ = ["CPGroup", "CP_FORWARDS", "DistributedCP", "SimulatedCP", "check_cp_length", "cp_token_loss",
+__all__ = ["CPGroup", "CP_FORWARDS", "ContextParallelLM", "DistributedCP", "SimulatedCP", "attention_cp",
+           "check_context_parallel", "check_cp_length", "cp_forward_lm", "cp_lm_loss", "cp_token_loss",
            "forward_cp"]

@@ -42,6 +42,27 @@ Short causal conv: its state is the last K-1 inputs, so a slot's incoming state 
 previous slot's last K-1 inputs: the tails are all-gathered (a neighbour send/recv would move
 R times less; with K-1 = 3 rows per slot it does not matter for the reference).
 
+Packed documents (`seq_idx`, the base class's contract: nothing crosses a document boundary, the
+incoming state belongs to each row's first document). A token *starts* a document when its
+document differs from the token's before it; a slot's token 0 starts one when the previous slot's
+last token is in another document (never on the chain's first slot). With b the slot's first start
+(S if none), the steps above change only in what the local pass returns:
+  1. local: every document piece of the slot runs from zero, the first (tokens < b) from the
+     augmented [0 | I] start, so L_c is the end state of the slot's last document; the pieces after
+     b read nothing of the incoming state: q~_t = 0 (SSD / RG-LRU: the decay weight is 0) for t >= b;
+  2.-4. M_c = 0 when the slot holds a start (b < S), else the product as before. The composition
+     and the correction are the same formulas: a document spanning several slots chains through
+     them (M_c of each slot without a start), and one that starts on a slot boundary (b = 0) gets
+     no correction and hands on only its own L_c.
+  Conv: the halo keeps only the previous slot's tail tokens of the document the slot's token 0 is
+  in (all of them lie in the previous slot, as slots hold >= K-1 tokens), and inside a slot the conv
+  restarts at every start. RG-LRU: every start is a reset (its first token is not scaled by
+  sqrt(1 - a^2)), as a document run from state None.
+  Cost: one more all-gather, of K integers per row and slot (each slot's last K-1 and first document
+  ids; no autograd, so no backward collective), and in this reference one local pass per document
+  piece rather than per slot (a fast path gives its kernels `cu_seqlens`). Summaries, their exchange
+  and the composition are unchanged.
+
 Why not FLA's CP ops here: `fla.ops.cp` (summaries `chunk_cp_fwd_h`, merge `chunk_cp_merge`, conv
 halos `fla.modules.causal_conv1d.cp`) are Triton kernels that refuse non-CUDA devices
 (`_check_cp_device`), cover the delta-rule family only (no SSD, no RG-LRU), take packed `[1, T]`
@@ -51,10 +72,12 @@ against, on any device and in one process (`SimulatedCP`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from megahybrid.mixers.base import run_per_document
 from megahybrid.mixers.common import ShortConv, l2norm
 from megahybrid.mixers.delta_rule import chunked_delta_rule
 from megahybrid.mixers.mamba2 import chunked_ssd, expand_groups
@@ -75,6 +98,73 @@ def exchange(comm: CPGroup, tensors: Sequence[torch.Tensor]) -> list[torch.Tenso
     return [p.reshape(p.shape[0], p.shape[1], *t.shape[1:]).to(t.dtype) for p, t in zip(parts, tensors)]
 
 
+@dataclass
+class SlotDocuments:
+    """Where packed documents start in this rank's slots (rows `[rows, S]`); see the module docstring."""
+
+    starts: torch.Tensor
+    """Bool `[rows, S]`: the token starts a document (token 0: the previous slot ends another one)."""
+    halo_keep: torch.Tensor
+    """Bool `[rows, H]`: which of the previous slot's last H tokens are in the document of this slot's
+    token 0 (all True on the chain's first slot: the incoming conv state belongs to its first document)."""
+
+    @property
+    def doc(self) -> torch.Tensor:
+        """Document number of every token inside its slot, `[rows, S]` (a `seq_idx` for the slot)."""
+        return self.starts.long().cumsum(dim=1)
+
+    @property
+    def reads_incoming(self) -> torch.Tensor:
+        """Bool `[rows, S]`: the token comes before the slot's first start, so sees the incoming state."""
+        return self.doc == 0
+
+
+def slot_documents(comm: CPGroup, seq_idx: torch.Tensor, halo: int) -> SlotDocuments:
+    """`SlotDocuments` of this rank's `seq_idx` rows `[rows, S]` (document ids, as the base class
+    reads them: a change between neighbours is a boundary). One all-gather of each slot's last
+    max(halo, 1) ids and its first; `halo` = the largest conv's kernel - 1."""
+    rows, S = seq_idx.shape
+    h = max(halo, 1)
+    if S < h:
+        raise ValueError(f"CP slot of {S} tokens is shorter than the conv halo ({h}); "
+                         "see megahybrid.parallel.check_cp_length")
+    seq_idx = seq_idx.detach()
+    edges = comm.all_gather(torch.cat([seq_idx[:, S - h:], seq_idx[:, :1]], dim=1))  # [slots, B, h+1]
+    prev_tail = comm.own(torch.cat([edges[:1, :, :h], edges[:-1, :, :h]]))  # slot c: slot c-1's tail
+    window = torch.cat([prev_tail, seq_idx[:, :1]], dim=1)  # [rows, h+1], ends with this slot's token 0
+    same = window[:, :-1] == window[:, 1:]
+    # A tail token is in token 0's document when no boundary lies between them (suffix AND).
+    keep = same.flip(1).long().cumprod(dim=1).flip(1).bool()
+    keep |= comm.is_first_slot(rows, seq_idx.device)[:, None]
+    starts = torch.cat([~keep[:, -1:], seq_idx[:, 1:] != seq_idx[:, :-1]], dim=1)
+    return SlotDocuments(starts=starts, halo_keep=keep)
+
+
+def run_slot_documents(fn: Callable, tensors: Sequence[torch.Tensor], docs: SlotDocuments,
+                       state: Optional[torch.Tensor] = None):
+    """`fn(*pieces, state) -> (out [n, L, ...], end state)` once per document piece of each slot row
+    (`run_per_document`, the base class's packing): the first piece of a row from its row of `state`
+    (None = zeros), later pieces from None. `tensors` `[rows, S, ...]` travel as one flat tensor in
+    their promoted dtype (exact) and reach `fn` in their own. Returns (out `[rows, S, ...]`, each row's
+    end state)."""
+    work = tensors[0].dtype
+    for t in tensors[1:]:
+        work = torch.promote_types(work, t.dtype)
+    widths = [t[0, 0].numel() for t in tensors]
+    out_shape = []
+
+    def flat_fn(packed, s):
+        pieces = [p.reshape(*packed.shape[:2], *t.shape[2:]).to(t.dtype)
+                  for p, t in zip(packed.split(widths, dim=-1), tensors)]
+        out, end = fn(*pieces, None if s is None else s["s"])
+        out_shape[:] = out.shape[2:]
+        return out.flatten(2), {"s": end}
+
+    packed = torch.cat([t.to(work).flatten(2) for t in tensors], dim=-1)
+    out, end = run_per_document(flat_fn, packed, None if state is None else {"s": state}, docs.doc)
+    return out.unflatten(2, out_shape), end["s"]
+
+
 def incoming_states(apply_map: Callable[[int, torch.Tensor], torch.Tensor], local_end: torch.Tensor,
                     first: torch.Tensor) -> torch.Tensor:
     """The state entering every slot: S_in(0) = `first`, S_in(c+1) = apply_map(c, S_in(c)) +
@@ -85,10 +175,12 @@ def incoming_states(apply_map: Callable[[int, torch.Tensor], torch.Tensor], loca
     return torch.stack(states)
 
 
-def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor, Optional[torch.Tensor]]]):
+def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor, Optional[torch.Tensor]]],
+                   docs: Optional[SlotDocuments] = None):
     """`[(conv, x rows [rows, S, C], incoming conv state [B, K-1, C] or None), ...]` -> `[(y, end
     conv state), ...]`: each slot's conv starts from the previous slot's last K-1 inputs (the first
-    slot from the given state). All tails travel in one all-gather."""
+    slot from the given state). All tails travel in one all-gather. With `docs` the halo keeps only
+    tokens of the document the slot starts in, and the conv restarts at every document start."""
     tails, firsts, halo_of = [], [], []
     for conv, x, state in convs:
         k1 = conv.kernel - 1
@@ -109,22 +201,38 @@ def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor,
             continue
         tail_all, first_all = gathered[i], gathered[len(tails) + i]
         halo = comm.own(torch.cat([first_all[:1], tail_all[:-1]]))  # slot c reads slot c-1's tail
-        out.append(conv(x, halo))
+        if docs is None:
+            out.append(conv(x, halo))
+            continue
+        keep = docs.halo_keep[:, docs.halo_keep.shape[1] - halo.shape[1]:, None]
+        halo = torch.where(keep, halo, torch.zeros_like(halo))
+        out.append(run_slot_documents(conv, [x], docs, halo))
     return out
 
 
-def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chunk_size: int = 64, scale=None):
+def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chunk_size: int = 64, scale=None,
+                  docs: Optional[SlotDocuments] = None):
     """`chunked_delta_rule` under CP: q, k [rows, S, H, dk], v [rows, S, H, dv], beta, g [rows, S, H]
     are this rank's slots (as rows); `initial_state` [B, H, dk, dv] is the sequence's (used on its first
-    slot; None = zeros). Returns (o [rows, S, H, dv], state at the end of each slot [rows, H, dk, dv])."""
+    slot; None = zeros); `docs` the packed documents (None: one document). Returns (o [rows, S, H, dv],
+    state at the end of each slot [rows, H, dk, dv])."""
     rows, S, H, dk = q.shape
     dv = v.shape[-1]
     # 1. Local pass on [v | 0] from [0 | I]: o' = [o_local | q~], end state [L | M] (module docstring).
     v_aug = torch.cat([v, v.new_zeros(rows, S, H, dk)], dim=-1)
     eye = torch.eye(dk, dtype=v.dtype, device=v.device).expand(rows, H, dk, dk)
+    if docs is not None:  # a slot whose token 0 starts a document reads nothing of the incoming state
+        eye = eye * (~docs.starts[:, 0]).to(v.dtype)[:, None, None, None]
     s0_aug = torch.cat([v.new_zeros(rows, H, dk, dv), eye], dim=-1)
-    o_aug, s_aug = chunked_delta_rule(q, k, v_aug, beta, g, chunk_size=chunk_size, initial_state=s0_aug,
+    if docs is None:
+        o_aug, s_aug = chunked_delta_rule(q, k, v_aug, beta, g, chunk_size=chunk_size, initial_state=s0_aug,
+                                          scale=scale)
+    else:  # later documents start from [0 | 0]: q~ = 0 after the first start, M = 0 if there is one
+        def local(q, k, v, beta, *gate, s):
+            return chunked_delta_rule(q, k, v, beta, *(gate or [None]), chunk_size=chunk_size, initial_state=s,
                                       scale=scale)
+        o_aug, s_aug = run_slot_documents(lambda *t: local(*t[:-1], s=t[-1]),
+                                          [q, k, v_aug, beta] + ([] if g is None else [g]), docs, s0_aug)
     o_local, q_tilde = o_aug.split([dv, dk], dim=-1)
     local_end, M = s_aug.split([dv, dk], dim=-1)
     # 2.-3. Gather (L, M) of every slot with the sequence's incoming state; compose.

@@ -80,15 +80,24 @@ class ReferenceLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
                 state: Optional[list] = None, return_state: bool = False):
-        m = self.config
-        x = self.embedding(input_ids)
-        if m.embedding_scale != 1.0:
-            x = x * m.embedding_scale
+        x = self.embed(input_ids)
         new_state = []
         embeddings, carry = x, None  # the embedding output (for `reads_embeddings`) and a `feeds_next_input` output
         for i, layer in enumerate(self.layers):
             x, s, carry = layer(x, None if state is None else state[i], seq_idx, return_state, embeddings, carry)
             new_state.append(s)
+        logits = self.head(x)
+        return (logits, new_state) if return_state else logits
+
+    # Both ends act per token; context parallelism (megahybrid/parallel/model.py) reuses them.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first layer's input (embedding, times `embedding_scale`)."""
+        x = self.embedding(input_ids)
+        return x * self.config.embedding_scale if self.config.embedding_scale != 1.0 else x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> logits: final norm, lm_head (or tied embedding), logit scale, softcap."""
+        m = self.config
         x = self.final_norm(x)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
         logits = x @ weight.t()
@@ -96,7 +105,7 @@ class ReferenceLM(nn.Module):
             logits = logits * m.logit_scale
         if m.logit_softcap:
             logits = m.logit_softcap * torch.tanh(logits / m.logit_softcap)
-        return (logits, new_state) if return_state else logits
+        return logits
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the weighted auxiliary losses (MoE load balancing) of the last forward."""
