@@ -98,3 +98,24 @@ def check_hf_mamba2(m, cls: str) -> None:
         raise unsupported("mamba2.gated_norm", False, f"{cls}'s Mamba2 mixer always has its gated RMSNorm")
     if m.mamba2.norm_before_gate:
         raise unsupported("mamba2.norm_before_gate", True, f"{cls} gates before its norm: norm(y * silu(z))")
+
+
+def finish_from_hf(hf: Tensors, m, out: dict, head: str = "lm_head.weight") -> dict:
+    """The LM head (a tied model takes none; a tied copy in the file is dropped), then the check
+    that every HF tensor was used."""
+    if m.tie_embeddings:
+        hf.get(head)
+    else:
+        out["lm_head.weight"] = hf.pop(head)
+    hf.done()
+    return out
+
+
+def finish_to_hf(ref: Tensors, m, out: dict, head: str = "lm_head.weight") -> dict:
+    """The inverse of `finish_from_hf`: HF classes with tied embeddings store no head."""
+    if m.tie_embeddings:
+        ref.get("lm_head.weight")
+    else:
+        out[head] = ref.pop("lm_head.weight")
+    ref.done()
+    return out

@@ -30,7 +30,7 @@ import math
 import torch
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import copy
+from megahybrid.convert.hf_common import copy, finish_from_hf, finish_to_hf
 from megahybrid.mixers.mamba2 import ssd_sizes
 from megahybrid.mixers.mlp import mlp_width
 from megahybrid.pattern import resolve_layers
@@ -212,12 +212,7 @@ def state_from_hf(hf: Tensors, m) -> dict:
             dst = f"{mix}mixer.{branch}." if branch else f"{ffn}mixer."
             for name in names:
                 out[dst + name] = _scaled(hf.pop(f"{src}{hf_part}.{name}"), scales.get((hf_part, name), 1.0))
-    if m.tie_embeddings:
-        hf.get("lm_head.weight")  # a tied copy, if the checkpoint stores one
-    else:
-        out["lm_head.weight"] = hf.pop("lm_head.weight")
-    hf.done()
-    return out
+    return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
@@ -230,10 +225,7 @@ def state_to_hf(ref: Tensors, m) -> dict:
         out[dst + "pre_ff_layernorm.weight"] = ref.pop(ffn + "norm.weight")
         for hf_part, branch, names in _pairs(m):
             copy(ref, f"{mix}mixer.{branch}." if branch else f"{ffn}mixer.", out, f"{dst}{hf_part}.", names)
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 register(HFArchitecture(

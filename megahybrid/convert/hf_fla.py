@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import copy
+from megahybrid.convert.hf_common import copy, finish_from_hf, finish_to_hf
 from megahybrid.mixers.deltanet import deltanet_sizes
 from megahybrid.mixers.gated_deltanet import gdn_sizes
 from megahybrid.mixers.mlp import mlp_width
@@ -169,12 +169,7 @@ def _state_from_hf(mixer_keys):
             out[mlp + "norm.weight"] = hf.pop(src + "mlp_norm.weight")
             copy(hf, src + "attn.", out, mixer + "mixer.", mixer_keys(m))
             copy(hf, src + "mlp.", out, mlp + "mixer.", MLP_KEYS)
-        if m.tie_embeddings:
-            hf.get("lm_head.weight")  # a tied copy, if the file stores one
-        else:
-            out["lm_head.weight"] = hf.pop("lm_head.weight")
-        hf.done()
-        return out
+        return finish_from_hf(hf, m, out)
     return convert
 
 
@@ -187,12 +182,7 @@ def _state_to_hf(mixer_keys):
             out[dst + "mlp_norm.weight"] = ref.pop(mlp + "norm.weight")
             copy(ref, mixer + "mixer.", out, dst + "attn.", mixer_keys(m))
             copy(ref, mlp + "mixer.", out, dst + "mlp.", MLP_KEYS)
-        if m.tie_embeddings:
-            ref.get("lm_head.weight")
-        else:
-            out["lm_head.weight"] = ref.pop("lm_head.weight")
-        ref.done()
-        return out
+        return finish_to_hf(ref, m, out)
     return convert
 
 

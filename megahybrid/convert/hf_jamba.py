@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import copy, experts_from_hub, experts_to_hub
+from megahybrid.convert.hf_common import copy, experts_from_hub, experts_to_hub, finish_from_hf, finish_to_hf
 from megahybrid.mixers.mlp import mlp_width
 from megahybrid.mixers.moe import expert_width
 from megahybrid.pattern import resolve_layers
@@ -193,12 +193,7 @@ def state_from_hf(hf: Tensors, m) -> dict:
             out[ffn + "mixer.router.weight"] = hf.pop(src + "feed_forward.router.weight")
             fused = experts_from_hub(hf, src + "feed_forward.experts.", m.moe.num_experts, gated=True)
             out.update({f"{ffn}mixer.experts.{k}": v for k, v in fused.items()})
-    if m.tie_embeddings:
-        hf.get("lm_head.weight")  # a tied copy, if the checkpoint stores one
-    else:
-        out["lm_head.weight"] = hf.pop("lm_head.weight")
-    hf.done()
-    return out
+    return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
@@ -218,10 +213,7 @@ def state_to_hf(ref: Tensors, m) -> dict:
             out[dst + "feed_forward.router.weight"] = ref.pop(ffn + "mixer.router.weight")
             fused = {k: ref.pop(f"{ffn}mixer.experts.{k}") for k in ("gate_up_proj", "down_proj")}
             out.update(experts_to_hub(fused, dst + "feed_forward.experts.", gated=True))
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 register(HFArchitecture(

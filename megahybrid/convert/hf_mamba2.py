@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
+from megahybrid.convert.hf_common import finish_from_hf, finish_to_hf
 from megahybrid.pattern import resolve_layers
 
 MIXER_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
@@ -76,12 +77,7 @@ def state_from_hf(hf: Tensors, m) -> dict:
         out[f"layers.{i}.norm.weight"] = hf.pop(f"backbone.layers.{i}.norm.weight")
         for key in _mixer_keys(m):
             out[f"layers.{i}.mixer.{key}"] = hf.pop(f"backbone.layers.{i}.mixer.{key}")
-    if m.tie_embeddings:
-        hf.get("lm_head.weight")  # some checkpoints store the tied copy too
-    else:
-        out["lm_head.weight"] = hf.pop("lm_head.weight")
-    hf.done()
-    return out
+    return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
@@ -91,10 +87,7 @@ def state_to_hf(ref: Tensors, m) -> dict:
         out[f"backbone.layers.{i}.norm.weight"] = ref.pop(f"layers.{i}.norm.weight")
         for key in _mixer_keys(m):
             out[f"backbone.layers.{i}.mixer.{key}"] = ref.pop(f"layers.{i}.mixer.{key}")
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 register(HFArchitecture("mamba2", "transformers:Mamba2ForCausalLM", config_from_hf, config_to_hf,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, check_shape, register, unsupported
-from megahybrid.convert.hf_common import copy, rope_from_hf
+from megahybrid.convert.hf_common import copy, finish_from_hf, finish_to_hf, rope_from_hf
 from megahybrid.convert.hf_qwen3_next import LAYER_TYPES, MLP_KEYS, check_activation, mixer_symbols
 from megahybrid.mixers.gated_deltanet import gdn_sizes
 from megahybrid.mixers.mlp import mlp_width
@@ -158,12 +158,7 @@ def state_from_hf(hf: Tensors, m) -> dict:
         if symbol == "G":
             convs_from_hf(hf, src + part, out, a + "mixer.", m)
         copy(hf, src + "mlp.", out, c + "mixer.", MLP_KEYS)
-    if m.tie_embeddings:
-        hf.get("lm_head.weight")  # some checkpoints store the tied copy too
-    else:
-        out["lm_head.weight"] = hf.pop("lm_head.weight")
-    hf.done()
-    return out
+    return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
@@ -177,10 +172,7 @@ def state_to_hf(ref: Tensors, m) -> dict:
         part, names = mixer_keys(symbol, m)
         copy(ref, a + "mixer.", out, dst + part, names + (list(CONVS) if symbol == "G" else []))
         copy(ref, c + "mixer.", out, dst + "mlp.", MLP_KEYS)
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 register(HFArchitecture(

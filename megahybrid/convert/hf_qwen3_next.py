@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import copy, experts_from_hub, experts_to_hub, rope_from_hf
+from megahybrid.convert.hf_common import copy, experts_from_hub, experts_to_hub, finish_to_hf, rope_from_hf
 from megahybrid.mixers.gated_deltanet import gdn_sizes
 from megahybrid.mixers.moe import expert_width, shared_expert_width
 from megahybrid.mixers.mlp import mlp_width
@@ -307,10 +307,7 @@ def qwen_state_to_hf(ref: Tensors, m, pairs, gdn=gdn_to_hf) -> dict:
         else:
             copy(ref, a + "mixer.", out, dst + "self_attn.", attention_keys(m))
         channel_to_hf(ref, c + "mixer.", out, dst + "mlp.", channel, m)
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 def state_from_hf(hf: Tensors, m) -> dict:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import copy
+from megahybrid.convert.hf_common import copy, finish_from_hf, finish_to_hf
 from megahybrid.mixers.mlp import mlp_width
 from megahybrid.pattern import resolve_layers
 
@@ -187,12 +187,7 @@ def state_from_hf(hf: Tensors, m) -> dict:
         out[f"layers.{j + 1}.norm.weight"] = hf.pop(src + "channel_pre_norm.weight")
         copy(hf, src + "temporal_block.", out, f"layers.{j}.mixer.", _temporal_keys(block_type, m))
         copy(hf, src + "mlp_block.", out, f"layers.{j + 1}.mixer.", MLP_KEYS)
-    if m.tie_embeddings:
-        hf.get("lm_head.weight")  # a tied copy, if the file stores one
-    else:
-        out["lm_head.weight"] = hf.pop("lm_head.weight")
-    hf.done()
-    return out
+    return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
@@ -204,12 +199,7 @@ def state_to_hf(ref: Tensors, m) -> dict:
         out[dst + "channel_pre_norm.weight"] = ref.pop(f"layers.{j + 1}.norm.weight")
         copy(ref, f"layers.{j}.mixer.", out, dst + "temporal_block.", _temporal_keys(block_type, m))
         copy(ref, f"layers.{j + 1}.mixer.", out, dst + "mlp_block.", MLP_KEYS)
-    if m.tie_embeddings:
-        ref.get("lm_head.weight")
-    else:
-        out["lm_head.weight"] = ref.pop("lm_head.weight")
-    ref.done()
-    return out
+    return finish_to_hf(ref, m, out)
 
 
 register(HFArchitecture(
