@@ -67,12 +67,17 @@ def write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """config.json + model.safetensors (one file; tensors made contiguous and unshared)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(_encode(config), indent=2, sort_keys=True) + "\n")
-    seen: dict[int, str] = {}
+    save_tensors(tensors, path / "model.safetensors")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors refuses shared or strided storage: every tensor is made contiguous, CPU and its own."""
+    seen: set[int] = set()
     out = {}
     for key, t in tensors.items():
         t = t.detach().cpu().contiguous()
         if t.data_ptr() in seen and t.numel():
             t = t.clone()
-        seen[t.data_ptr()] = key
+        seen.add(t.data_ptr())
         out[key] = t
-    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(out, str(file), metadata={"format": "pt"})

@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from megahybrid.convert.base import ConversionError
+from megahybrid.convert.hf_io import save_tensors
 from megahybrid.train.checkpoint import CONFIG, MODEL, config_yaml, find_latest
 
 SOURCE = "source.json"
@@ -51,14 +52,7 @@ def write(path: Path, config, tensors: dict[str, torch.Tensor], source: Optional
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG).write_text(config_yaml(config))
-    out, seen = {}, {}
-    for key, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        if t.data_ptr() in seen and t.numel():
-            t = t.clone()
-        seen[t.data_ptr()] = key
-        out[key] = t
-    save_file(out, str(path / MODEL), metadata={"format": "pt"})
+    save_tensors(tensors, path / MODEL)
     if source:
         (path / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
 
