@@ -11,11 +11,20 @@ from megahybrid.config import ConfigError
 
 def cmd_describe(args) -> int:
     from megahybrid.config import load_config
-    from megahybrid.describe import describe, format_table
+    from megahybrid.describe import describe, describe_parallel, format_parallel, format_table, parse_parallel_spec
 
-    config = load_config(args.source, args.overrides)
-    info = describe(config, seq_len=args.seq_len)
-    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    if args.parallel is None:
+        config = load_config(args.source, args.overrides)
+        info = describe(config, seq_len=args.seq_len)
+        print(json.dumps(info, indent=2) if args.json else format_table(info))
+        return 0
+    spec, dp = parse_parallel_spec(args.parallel)
+    batch = [f"train.{k}={v}" for k, v in (("micro_batch_size", args.micro_batch),
+                                         ("global_batch_size", args.global_batch), ("seq_len", args.seq_len))
+             if v is not None]
+    config = load_config(args.source, [*args.overrides, *batch, *spec])
+    info = describe_parallel(config, dp=dp or args.dp)
+    print(json.dumps(info, indent=2) if args.json else format_table(info) + "\n\n" + format_parallel(info["parallel"]))
     return 0
 
 
@@ -101,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: train.seq_len)")
+    d.add_argument("--parallel", nargs="?", const="", default=None, metavar="SPEC",
+                   help="per-rank memory/FLOPs of a layout, e.g. tp=2,pp=4,ep=8,cp=2,dp=16,sp,distopt,"
+                        "recompute=selective,pp_balance=flops (keys set parallel.*; parallel.* overrides work too)")
+    d.add_argument("--dp", type=int, default=1, help="data-parallel size for --parallel (or dp= in SPEC)")
+    d.add_argument("--micro-batch", type=int, default=None, help="with --parallel: train.micro_batch_size")
+    d.add_argument("--global-batch", type=int, default=None,
+                   help="with --parallel: train.global_batch_size (a multiple of micro-batch x dp)")
     d.set_defaults(fn=cmd_describe)
 
     t = sub.add_parser("train", help="train a model (no arguments: the embedded default on CPU)")

@@ -346,6 +346,20 @@ class BasedConfig:
 
 
 @dataclass
+class GoldFinchConfig:
+    """GoldFinch GOLD attention (`f`), Goldstein et al. 2024 (arXiv 2407.12077): full attention whose
+    keys and values are regenerated from one compressed cache shared by every `f` layer. Head sizes,
+    RoPE and QK-norm come from `attention`."""
+
+    compressed_dim: Optional[int] = None
+    """Width of the compressed cache c = W_c x, made once at the first `f` layer's input; None =
+    hidden_size // 16 (the paper's 16x key compression)."""
+    token_cat: bool = True
+    """TokenCat: keys and values read concat(c, token embedding) instead of c alone (the paper keeps
+    the token ids in the cache and re-embeds them)."""
+
+
+@dataclass
 class ModelConfig:
     """Architecture. The layer list comes from exactly one of: pattern, layers, or a
     backbone with attention_every / attention_layers / ratio."""
@@ -366,6 +380,15 @@ class ModelConfig:
     """[backbone, attention] counts, attention evenly spaced (Megatron's allocator)."""
     mlp_after_mixer: Optional[str] = None
     """With backbone layouts: a channel symbol ('-' or 'E') after every mixer, or None."""
+    mlp_after_attention: Optional[str] = None
+    """With backbone layouts: a channel symbol after the attention mixers only, taking precedence over
+    mlp_after_mixer there (Edifice's `Hybrid` puts its FFN in the attention blocks alone)."""
+    attention_symbol: str = "attention"
+    """The layer (long name or symbol) that attention_every / attention_layers / ratio place, e.g.
+    "swa" for sliding-window attention (Edifice's `Hybrid`)."""
+    plugins: list[str] = field(default_factory=list)
+    """Python import paths of plug-in modules imported before the layers are resolved; each registers
+    its own layer types with `megahybrid.mixers.register` (contract: megahybrid/plugins.py)."""
 
     hidden_size: int = 256
     vocab_size: int = 8192
@@ -406,6 +429,7 @@ class ModelConfig:
     rwkv7: RWKV7Config = field(default_factory=RWKV7Config)
     hyena: HyenaConfig = field(default_factory=HyenaConfig)
     based: BasedConfig = field(default_factory=BasedConfig)
+    goldfinch: GoldFinchConfig = field(default_factory=GoldFinchConfig)
 
 
 # ------------------------------------------------------------------------- parallel, train
@@ -421,6 +445,10 @@ class ParallelConfig:
     """Pipeline-parallel size; `|` in the pattern, if present, must give exactly pp stages."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per rank."""
+    pp_balance: Literal["layers", "flops"] = "layers"
+    """Stage cuts when the pattern has no `|`: "layers" = equal layer counts (Megatron's rule: pp must
+    divide the layers); "flops" = pp x vpp contiguous stages minimising the largest stage's forward
+    FLOPs (LM head on the last), as if `|` were written there (`megahybrid describe` prints that pattern)."""
     ep: int = 1
     """Expert-parallel size."""
     etp: Optional[int] = None

@@ -19,6 +19,7 @@ from typing import Optional
 
 from megahybrid.config import ConfigError, fail
 from megahybrid.mixers import REGISTRY, by_name
+from megahybrid.plugins import load_plugins
 
 PIPE, MTP, OPEN, CLOSE, REPEAT = "|", "/", "(", ")", "x"
 ATTENTION = "*"
@@ -175,30 +176,45 @@ def _layout_from_backbone(m) -> str:
     if len(placements) > 1:
         fail(f"model.{placements[1]}", getattr(m, placements[1]),
              f"conflicts with model.{placements[0]}; keep only one attention placement")
+    attention = _attention_symbol(m)
     mixers = [lt.symbol] * n
     if m.attention_every is not None:
         if m.attention_every < 1:
             fail("model.attention_every", m.attention_every, "must be >= 1")
         for i in range(m.attention_every - 1, n, m.attention_every):
-            mixers[i] = ATTENTION
+            mixers[i] = attention
     elif m.attention_layers is not None:
         for i in m.attention_layers:
             if not 0 <= i < n:
                 fail("model.attention_layers", m.attention_layers,
                      f"index {i} is outside 0..{n - 1} (model.num_layers={n})")
-            mixers[i] = ATTENTION
+            mixers[i] = attention
     elif m.ratio is not None:
         if len(m.ratio) != 2 or min(m.ratio) < 0 or sum(m.ratio) == 0:
             fail("model.ratio", m.ratio, "must be [backbone, attention] non-negative counts, e.g. [9, 1]")
         count = round(n * m.ratio[1] / sum(m.ratio))
-        mixers = list(pattern_from_ratio(n, count, lt.symbol))
-    channel = ""
-    if m.mlp_after_mixer is not None:
-        ch = by_name(m.mlp_after_mixer)
-        if ch is None or ch.kind != "channel":
-            fail("model.mlp_after_mixer", m.mlp_after_mixer, "must be '-' (mlp), 'E' (moe) or null")
-        channel = ch.symbol
-    return "".join(sym + channel for sym in mixers)
+        mixers = list(pattern_from_ratio(n, count, lt.symbol, attention))
+    channel = _channel_symbol("mlp_after_mixer", m.mlp_after_mixer)
+    after_attention = _channel_symbol("mlp_after_attention", m.mlp_after_attention) \
+        if m.mlp_after_attention is not None else channel
+    return "".join(sym + (after_attention if sym == attention else channel) for sym in mixers)
+
+
+def _attention_symbol(m) -> str:
+    """The symbol `model.attention_symbol` names (what backbone layouts place as attention)."""
+    lt = by_name(m.attention_symbol)
+    if lt is None or lt.kind != "mixer":
+        fail("model.attention_symbol", m.attention_symbol, "must name a sequence mixer, e.g. attention or swa")
+    return lt.symbol
+
+
+def _channel_symbol(name: str, value) -> str:
+    if value is None:
+        return ""
+    ch = by_name(value)
+    if ch is None or ch.kind != "channel":
+        fail(f"model.{name}", value, "must be '-' (mlp), 'E' (moe) or null")
+    return ch.symbol
 
 
 def _layout_from_names(names: list[str]) -> str:
@@ -216,7 +232,9 @@ def _layout_from_names(names: list[str]) -> str:
 
 
 def layout_string(m) -> tuple[str, str]:
-    """(pattern string, config field it came from) for whichever layout form `m` uses."""
+    """(pattern string, config field it came from) for whichever layout form `m` uses.
+    Plug-in modules (`model.plugins`, entry points) are imported first: they may add symbols."""
+    load_plugins(getattr(m, "plugins", ()))
     forms = [k for k in ("pattern", "layers", "backbone") if getattr(m, k) is not None]
     if not forms:
         raise ConfigError("model: no layer layout; set model.pattern (e.g. '(M*-)x4'), model.layers, "
@@ -225,7 +243,7 @@ def layout_string(m) -> tuple[str, str]:
         fail(f"model.{forms[1]}", getattr(m, forms[1]),
              f"conflicts with model.{forms[0]}; give exactly one layout form")
     if forms[0] != "backbone":
-        for k in ("attention_every", "attention_layers", "ratio", "mlp_after_mixer"):
+        for k in ("attention_every", "attention_layers", "ratio", "mlp_after_mixer", "mlp_after_attention"):
             if getattr(m, k) is not None:
                 fail(f"model.{k}", getattr(m, k), "only applies with model.backbone; remove it")
     if forms[0] == "pattern":
@@ -241,6 +259,21 @@ def resolve_layers(config) -> list[LayerSpec]:
     parallel = getattr(config, "parallel", None)
     text, field_name = layout_string(m)
     parsed = parse(text, field_name)
+    specs = _specs(parsed)
+    symbols = {s.symbol for s in specs}
+    if ATTENTION in symbols and symbols & {"+", "D"}:
+        fail(field_name, text, "mixes '*' attention with '+' (MLA) or 'D' (DSA); Megatron-Core supports "
+             "only one attention kind per model")
+    if parallel is not None:
+        _check_pipeline(parsed, parallel, field_name, text)
+    for sym in sorted(symbols):
+        REGISTRY[sym].cls().check(m)
+    if parallel is not None and _balances_by_flops(parsed, parallel):
+        specs = _specs(balance_pipeline(config, parsed))
+    return specs
+
+
+def _specs(parsed: ParsedPattern) -> list[LayerSpec]:
     specs = []
     for seg_index, seg in enumerate(parsed.segments):
         for sym in seg:
@@ -250,19 +283,80 @@ def resolve_layers(config) -> list[LayerSpec]:
         for sym in parsed.mtp or "":
             lt = REGISTRY[sym]
             specs.append(LayerSpec(len(specs), sym, lt.name, lt.kind, len(parsed.segments) - 1, depth))
-    symbols = {s.symbol for s in specs}
-    if ATTENTION in symbols and symbols & {"+", "D"}:
-        fail(field_name, text, "mixes '*' attention with '+' (MLA) or 'D' (DSA); Megatron-Core supports "
-             "only one attention kind per model")
-    if parallel is not None:
-        _check_pipeline(parsed, parallel, field_name, text)
-    for sym in sorted(symbols):
-        REGISTRY[sym].cls().check(m)
     return specs
+
+
+def _balances_by_flops(parsed: ParsedPattern, parallel) -> bool:
+    return getattr(parallel, "pp_balance", "layers") == "flops" and parallel.pp > 1 and len(parsed.segments) == 1
+
+
+def pipeline_pattern(config) -> ParsedPattern:
+    """The config's parsed pattern with the stage cuts its pipeline uses: the '|' as written, or those
+    parallel.pp_balance='flops' places (`balance_pipeline`). Feed `.segments` to `stage_of`."""
+    parsed = parse(*layout_string(config.model))
+    return balance_pipeline(config, parsed) if _balances_by_flops(parsed, config.parallel) else parsed
+
+
+def balance_cuts(costs: list[float], parts: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[int]:
+    """Sizes of `parts` contiguous, non-empty groups of `costs` that minimise the largest group's sum,
+    `first_extra` / `last_extra` added to the first / last group (embedding, LM head). An exact dynamic
+    programme over the cut positions, O(parts * n^2); among equal optima the earliest cuts win."""
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot cut {n} layers into {parts} non-empty stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def group(j: int, i: int) -> float:  # layers j..i-1
+        return prefix[i] - prefix[j] + (first_extra if j == 0 else 0.0) + (last_extra if i == n else 0.0)
+
+    best = [[float("inf")] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    for i in range(1, n + 1):
+        best[1][i] = group(0, i)
+    for k in range(2, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], group(j, i))
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    sizes, i = [], n
+    for k in range(parts, 1, -1):
+        sizes.append(i - cut[k][i])
+        i = cut[k][i]
+    return [i, *reversed(sizes)]
+
+
+def balance_pipeline(config, parsed: ParsedPattern) -> ParsedPattern:
+    """`parsed` (no '|') with parallel.pp x vpp stage cuts placed by `balance_cuts` on each layer's
+    forward FLOPs/token at train.seq_len (the LM head and any MTP layers count on the last stage; the
+    embedding lookup costs none). `.main` is the pattern to paste: Megatron needs '|' for uneven stages."""
+    m, p = config.model, config.parallel
+    seq_len = config.train.seq_len if hasattr(config, "train") else m.max_seq_len
+    symbols = set(parsed.main_layers) | set(parsed.mtp or "")
+    cost = {sym: float(REGISTRY[sym].cls().flops_per_token(m, seq_len, True)) for sym in symbols}
+    last = 2.0 * m.hidden_size * m.vocab_size + parsed.mtp_depths * sum(cost[s] for s in parsed.mtp or "")
+    layers = parsed.main_layers
+    sizes = balance_cuts([cost[s] for s in layers], p.pp * (p.vpp or 1), last_extra=last)
+    segments, start = [], 0
+    for size in sizes:
+        segments.append("".join(layers[start:start + size]))
+        start += size
+    return ParsedPattern(main=PIPE.join(segments), mtp=parsed.mtp, mtp_depths=parsed.mtp_depths)
 
 
 def _check_pipeline(parsed: ParsedPattern, parallel, field_name: str, text: str) -> None:
     n_seg = len(parsed.segments)
+    if getattr(parallel, "pp_balance", "layers") == "flops" and parallel.pp > 1:
+        stages = parallel.pp * (parallel.vpp or 1)
+        if n_seg > 1:
+            fail("parallel.pp_balance", "flops", f"{field_name} already places the stages with '|'; remove "
+                 "the '|' boundaries or set parallel.pp_balance=layers")
+        if stages > len(parsed.main_layers):
+            fail("parallel.pp", parallel.pp, f"gives {stages} pipeline stages (pp x vpp) for "
+                 f"{len(parsed.main_layers)} layers; every stage needs a layer: lower parallel.pp or parallel.vpp")
+        return
     stages = parallel.pp * (parallel.vpp or 1)
     if n_seg > 1 and n_seg % parallel.pp:
         fail(field_name, text, f"has {n_seg} '|'-delimited segments, not a multiple of parallel.pp="

@@ -100,6 +100,26 @@ def gdn() -> dict:
                   mlp={"ffn_hidden_size": 5632})
 
 
+@preset("rwkv7", tiny=_tiny("(k-)x2", norm="layernorm", rwkv7={"head_dim": 16},
+                            mlp={"activation": "relu2", "ffn_hidden_size": 256}))
+def rwkv7() -> dict:
+    """RWKV-7 "Goose" 1.5B layout (Peng et al. 2025, arXiv 2503.14456): 24 x (time mixing, channel
+    mixing), width 2048, head size 64, LayerNorm, vocab 65536. Approximated: channel mixing is a
+    squared-ReLU MLP of width 4 x hidden without RWKV's token shift, no value residual (v_first),
+    no extra LayerNorm after the embedding (ln0); LoRA ranks are FLA's defaults (mixers/rwkv7.py)."""
+    return _model(pattern="(k-)x24", hidden_size=2048, vocab_size=65536, norm="layernorm",
+                  rwkv7={"head_dim": 64}, mlp={"ffn_hidden_size": 8192, "activation": "relu2"})
+
+
+@preset("mingru", tiny=_tiny("(u-)x2", gru={"expand": 1.5, "conv_kernel": 3}))
+def mingru() -> dict:
+    """minGRU language model (Feng et al. 2024, arXiv 2410.01201) in lucidrains' minLM block layout
+    (minGRU with expansion 1.5 after a width-3 causal conv, then an MLP), at Hawk's size (24 blocks,
+    width 2048). No published minGRU LM has this size: a baseline for comparisons, not a model replica."""
+    return _model(pattern="(u-)x24", hidden_size=2048, vocab_size=32000,
+                  gru={"expand": 1.5, "conv_kernel": 3}, mlp={"ffn_hidden_size": 5632})
+
+
 # ----------------------------------------------------------------------------------- hybrids
 
 @preset("jamba", tiny=_tiny("m-mE*-mE"))
@@ -196,6 +216,116 @@ def qwen3_next() -> dict:
                              "qk_norm": True, "rotary_fraction": 0.25, "rope_theta": 10000000.0},
                   gdn={"num_qk_heads": 16, "num_v_heads": 32, "qk_head_dim": 128, "v_head_dim": 128},
                   moe={"num_experts": 512, "top_k": 10, "ffn_hidden_size": 512, "num_shared_experts": 1})
+
+
+# ------------------------------------------------------------- long convolutions, Taylor attention
+
+_HYENA_TINY = {"filter_order": 16, "emb_dim": 5, "filter_len": 64}
+
+
+@preset("hyena", tiny=_tiny("(y-)x2", hyena=_HYENA_TINY))
+def hyena() -> dict:
+    """Hyena-153M (Poli et al. 2023, arXiv 2302.10866), safari's configs/experiment/pile/hyena.yaml:
+    18 x (order-2 Hyena, MLP 2x), width 864, l_max 2048, LayerNorm, tied embeddings, GPT-2 vocab padded
+    to a multiple of 8. safari's MLP uses tanh-approximated GELU; here exact GELU."""
+    return _model(pattern="(y-)x18", hidden_size=864, vocab_size=50264, max_seq_len=2048, norm="layernorm",
+                  tie_embeddings=True, hyena={"order": 2, "filter_order": 64, "emb_dim": 33, "sin_freq": 14.0},
+                  mlp={"ffn_hidden_size": 1728, "activation": "gelu"})
+
+
+@preset("striped_hyena", tiny=_tiny("y-*-", hyena=_HYENA_TINY))
+def striped_hyena() -> dict:
+    """StripedHyena-7B (Together 2023, togethercomputer/stripedhyena configs/7b-sh-32k-v0.1.yml): 32 blocks
+    alternating Hyena (even) and GQA attention (odd; 32 heads, 8 kv groups, RoPE 500000), each block with a
+    SwiGLU MLP of 14336, 32k context. StripedHyena's Hyena layers use a modal (pole/residue) long filter
+    with state size 2; here they use Hyena's implicit FFN filter (mixers/hyena.py says why)."""
+    return _model(pattern="(y-*-)x16", hidden_size=4096, vocab_size=32000, max_seq_len=32768,
+                  attention={"num_heads": 32, "num_kv_heads": 8, "rope_theta": 500000.0},
+                  mlp={"ffn_hidden_size": 14336, "activation": "swiglu"})
+
+
+@preset("based", tiny=_tiny("b-w-", attention={"num_heads": 4, "num_kv_heads": 4, "window": 8},
+                            based={"num_heads": 4, "feature_dim": 8, "chunk_size": 16}))
+def based() -> dict:
+    """Based-360M (Arora et al. 2024, arXiv 2402.18668), HazyResearch/based
+    configs/experiment/reference/based-360m.yaml: 27 mixers, width 1024, sliding-window attention (window
+    256, 16 heads) at mixers 2, 7, 12, 17, 22, Taylor linear attention (16 heads, feature dim 16) at the
+    others, each followed by a SwiGLU MLP of 2048; GPT-NeoX vocab. The paper's model puts gated short-conv
+    (BaseConv) layers in 20 of those 22 slots; megahybrid has no BaseConv, so they are Based layers here."""
+    return _model(pattern="(b-b-w-b-b-)x5 b-b-", hidden_size=1024, vocab_size=50280, max_seq_len=2048,
+                  attention={"num_heads": 16, "num_kv_heads": 16, "window": 256},
+                  based={"num_heads": 16, "feature_dim": 16},
+                  mlp={"ffn_hidden_size": 2048, "activation": "swiglu"})
+
+
+# ---------------------------------------------------------------------------- GoldFinch
+
+@preset("goldfinch", tiny=_tiny("k-k-f-", norm="layernorm", rwkv7={"head_dim": 16}, goldfinch={"compressed_dim": 4},
+                                mlp={"activation": "relu2", "ffn_hidden_size": 256}))
+def goldfinch() -> dict:
+    """GoldFinch (Goldstein et al. 2024, arXiv 2407.12077): recurrent layers for the first 2/3 of the
+    depth, then full-attention GOLD layers (`f`) whose keys and values all come from one compressed cache
+    (hidden/16 per token, plus the token embedding: TokenCat), each layer followed by an MLP; 24 layers,
+    width 2048. Approximated: the recurrent layers are RWKV-7 (`k`) rather than the paper's Finch-C2
+    (RWKV-6 based; megahybrid has no RWKV-6), channel mixing is a squared-ReLU MLP as in the rwkv7
+    preset, and the GOLD decompression is one linear map per layer (mixers/goldfinch.py)."""
+    return _model(pattern="(k-)x16 (f-)x8", hidden_size=2048, vocab_size=65536, norm="layernorm",
+                  attention={"num_heads": 32}, rwkv7={"head_dim": 64}, goldfinch={"token_cat": True},
+                  mlp={"ffn_hidden_size": 8192, "activation": "relu2"})
+
+
+# ------------------------------------------------------------ Edifice `Hybrid` defaults
+
+def _edifice(backbone: str, **sections) -> dict:
+    """Edifice's `Edifice.SSM.Hybrid` defaults (blasphemetheus/edifice, lib/edifice/ssm/hybrid.ex): 6 layers,
+    every 3rd sliding-window attention (window 60, 4 heads x 64, QK-norm), pre-LayerNorm blocks, a 4x GELU
+    FFN in the attention blocks only, hidden 256. Edifice's Hybrid reads continuous frames and adds
+    sinusoidal positions; here it is an LM (vocab 32000) with RoPE in the attention, an RMSNorm with a
+    weight for Edifice's parameter-free QK LayerNorm, and no dropout (Edifice: 0.1)."""
+    return _model(backbone=backbone, num_layers=6, attention_every=3, attention_symbol="swa",
+                  mlp_after_attention="mlp", hidden_size=256, vocab_size=32000, norm="layernorm",
+                  attention={"num_heads": 4, "head_dim": 64, "window": 60, "qk_norm": True},
+                  mlp={"ffn_hidden_size": 1024, "activation": "gelu"}, **sections)
+
+
+_EDIFICE_TINY = {"hidden_size": 64, "vocab_size": 256, "max_seq_len": 256,
+                 "attention": {"num_heads": 4, "head_dim": 16, "window": 8}, "mlp": {"ffn_hidden_size": 256}}
+
+
+@preset("edifice_gru", tiny=_EDIFICE_TINY)
+def edifice_gru() -> dict:
+    """Edifice Hybrid over a GRU backbone (`backbone: :gru`); Edifice's is a classic GRU (Axon.gru), here minGRU."""
+    return _edifice("gru")
+
+
+@preset("edifice_rwkv", tiny={**_EDIFICE_TINY, "rwkv7": {"head_dim": 16}})
+def edifice_rwkv() -> dict:
+    """Edifice Hybrid over an RWKV backbone (`backbone: :rwkv`), here RWKV-7 time mixing with 4 heads of 64."""
+    return _edifice("rwkv7", rwkv7={"head_dim": 64})
+
+
+@preset("edifice_deltanet", tiny=_EDIFICE_TINY)
+def edifice_deltanet() -> dict:
+    """Edifice Hybrid over a DeltaNet backbone (`backbone: :delta_net`), 4 heads."""
+    return _edifice("deltanet", deltanet={"num_heads": 4})
+
+
+@preset("edifice_gdn", tiny={**_EDIFICE_TINY, "gdn": {"qk_head_dim": 16, "v_head_dim": 16}})
+def edifice_gdn() -> dict:
+    """Edifice Hybrid over a Gated DeltaNet backbone (`backbone: :gated_delta_net`), 4 heads of 64."""
+    return _edifice("gdn", gdn={"num_qk_heads": 4, "num_v_heads": 4, "qk_head_dim": 64, "v_head_dim": 64})
+
+
+@preset("edifice_griffin", tiny=_EDIFICE_TINY)
+def edifice_griffin() -> dict:
+    """Edifice Hybrid over Griffin's RG-LRU block (`backbone: :griffin_lru`), width 256, 4 gate heads."""
+    return _edifice("rglru", rglru={"num_heads": 4})
+
+
+@preset("edifice_mamba", tiny=_EDIFICE_TINY)
+def edifice_mamba() -> dict:
+    """Edifice Hybrid's default Mamba backbone (`backbone: :mamba`): state 16, expand 2, conv 4 (Mamba1 here)."""
+    return _edifice("mamba1", mamba1={"state_size": 16, "expand": 2, "conv_kernel": 4})
 
 
 # --------------------------------------------------------------- exp7 DeltaNet hybrid layouts

@@ -16,3 +16,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_ABSENT = object()
+
+
+@pytest.fixture(autouse=True)
+def _unblock_fla_after_each_test():
+    """Tests that import transformers block `fla` (`sys.modules["fla"] = None`, tests/convert_checks.py)
+    so it cannot bind FLA's GPU kernels on a CPU; undo that after the test, or later tests that load
+    FLA's naive reference files would find `fla` unimportable."""
+    before = sys.modules.get("fla", _ABSENT)
+    yield
+    if sys.modules.get("fla", _ABSENT) is None and before is not None:
+        if before is _ABSENT:
+            del sys.modules["fla"]
+        else:
+            sys.modules["fla"] = before

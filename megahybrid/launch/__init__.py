@@ -67,7 +67,8 @@ def check_layout(config: Config, nodes: int, per_node: int, flags: str) -> None:
     if per_node % p.tp:
         raise LaunchError(f"{flags}: parallel.tp={p.tp} must divide the processes per node ({per_node}) so "
                           f"tensor-parallel groups stay inside a node; use a multiple of {p.tp} per node")
-    data_parallel = world // model_parallel if t.backend == "megatron" else world
+    # the reference backend trains tp = pp = 1 (train/run.py refuses more); a CP group shares its sequences
+    data_parallel = world // model_parallel if t.backend == "megatron" else world // p.cp
     per_step = t.micro_batch_size * data_parallel
     if t.global_batch_size % per_step:
         fix = f"train.global_batch_size={per_step * max(1, round(t.global_batch_size / per_step))}"

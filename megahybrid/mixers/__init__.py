@@ -85,5 +85,7 @@ for _lt in [
     LayerType("k", "rwkv7", "mixer", f"{_M}.rwkv7:RWKV7", (), False, "RWKV-7 time mixing (generalised delta rule)"),
     LayerType("y", "hyena", "mixer", f"{_M}.hyena:Hyena", (), False, "Hyena long convolution (implicit filters)"),
     LayerType("b", "based", "mixer", f"{_M}.based:Based", (), False, "Based Taylor linear attention"),
+    LayerType("f", "goldfinch", "mixer", f"{_M}.goldfinch:GoldAttention", ("gold",), False,
+              "GoldFinch GOLD attention over one shared compressed KV cache"),
 ]:
     register(_lt)

@@ -15,6 +15,7 @@ once; the chain itself is R tiny matmuls.
     comm = DistributedCP(group)        # one rank of a real process group (gloo / NCCL)
     x_local = comm.shard(x)            # [B, T, hidden] -> this rank's tokens
     y_local, state = forward_cp(mixer, x_local, comm)
+    y_local, state = forward_cp(mixer, x_local, comm, seq_idx=comm.shard(seq_idx))  # packed documents
     loss = cp_token_loss(token_loss, mask_local, comm)   # finite when a rank holds only padding
 
 The whole LM (`model.py`): `cp_forward_lm(model, comm.shard(input_ids), comm)` runs every layer on
@@ -41,9 +42,17 @@ contiguous when it is all recurrent (or attention is sliding-window, whose work 
 Megatron-Core's alternative for Mamba/GDN (all-to-all from sequence to head shards) moves the
 activations twice per layer and caps CP at the head count; its comparison is the benchmark's job.
 
-Packed documents (`seq_idx`) are not supported under CP yet: the incoming state would have to be
-dropped at a document boundary that coincides with a slot boundary, and M = 0 after the first
-boundary inside a slot.
+Packed documents: `forward_cp(mixer, x_local, comm, state, seq_idx=comm.shard(seq_idx))` keeps the
+base class's contract (nothing crosses a document boundary; the incoming state belongs to each row's
+first document). In the affine view a slot's summary S_out = M S_in + L only changes where a document
+starts inside the slot: M = 0 and positions from the first start on read none of S_in, while L is the
+end state of the slot's last document (run from zero); positions before the first start, and M of a
+slot with no start, are as without packing. A document that spans slots therefore chains through them,
+and one starting exactly on a slot boundary (the slot's first token starts it) drops what came before.
+The conv halo keeps only the previous slot's tokens of the same document, and the conv restarts at
+every start. Cost: one more all-gather per layer of K integers per row and slot (the slot's last K-1
+and first document ids, no backward collective); summaries, their exchange and the composition are
+unchanged; this reference runs its local pass once per document piece (`state_passing`).
 """
 
 from megahybrid.parallel.group import CPGroup, DistributedCP, SimulatedCP, check_cp_length

@@ -15,10 +15,9 @@ of the same three primitives let the state-passing code run unchanged:
 
 `SimulatedCP(size)` keeps every rank in one process: the local batch is every rank's batch stacked
 (rank-major), the all-gather a reshape. `DistributedCP(group)` is one rank of a real process group
-(gloo on CPU, NCCL on GPU); its all-gather is `torch.distributed.nn.functional.all_gather`, whose
-backward sums each rank's gradient for a gathered tensor back onto the rank that sent it
-(reduce-scatter on NCCL, all-to-all + sum on gloo). No module-level process-group state: the group
-object is passed explicitly (style.md).
+(gloo on CPU, NCCL on GPU); its all-gather (`AllGather`) has a backward that sums each rank's
+gradient for a gathered tensor back onto the rank that sent it (reduce-scatter on NCCL, all-reduce
+on gloo). No module-level process-group state: the group object is passed explicitly (style.md).
 """
 
 from __future__ import annotations
@@ -189,9 +188,7 @@ class DistributedCP(CPGroup):
         self.row_factor = self.slots_per_rank
 
     def _gather_ranks(self, t):
-        from torch.distributed.nn.functional import all_gather  # autograd-aware
-
-        return torch.stack(all_gather(t, group=self.group)).unflatten(1, (self.slots_per_rank, -1))
+        return AllGather.apply(t, self.group).unflatten(1, (self.slots_per_rank, -1))
 
     def _own_rows(self, by_rank):
         return by_rank[self.rank].flatten(0, 1)
@@ -207,3 +204,30 @@ class DistributedCP(CPGroup):
     def all_reduce_sum_(self, t):
         dist.all_reduce(t, group=self.group)
         return t
+
+
+class AllGather(torch.autograd.Function):
+    """`t` of every rank of `group`, stacked `[size, ...]`; backward: the sum over ranks of the gradient of
+    this rank's part. Not `torch.distributed.nn.functional.all_gather`: its gloo backward emulates
+    all-to-all with `dist.scatter(src=<group rank>)`, which torch (2.11) reads as a global rank, so it
+    fails ("Global rank 2 is not part of group") on any group not made of ranks 0..size-1, e.g. the
+    second CP group of a CP x DP layout. Gloo has no reduce-scatter; an all-reduce of the gathered
+    gradient moves size times more than needed, fine for CPU tests."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: Optional[dist.ProcessGroup]):
+        ctx.group = group
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        rank = dist.get_rank(ctx.group)
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            out = torch.empty_like(grad[rank])
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank], None

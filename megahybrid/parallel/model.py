@@ -13,6 +13,8 @@ Every layer of `ReferenceLM` runs on this rank's tokens only:
   gives each rank its share: the shares sum over the CP ranks to the single-process aux loss (and
   their gradients to its gradient). Capacity dropping keeps each expert's earliest tokens of the
   batch, which one rank cannot see: MoE with `capacity_factor` is refused under CP.
+Packed documents (`seq_idx`, sharded like the tokens) reach every layer: attention masks other
+documents and restarts RoPE per document, the recurrent mixers drop state at document starts.
 Layer types with no CP form (shared attention `s`, Hymba `h`, Mamba1 `m`, parallel mixers `p`, MLA,
 DSA) are refused by `check_context_parallel` with one line naming the layer and symbol.
 
@@ -22,7 +24,6 @@ whose forward is the CP forward (DDP prepares its gradient all-reduce in forward
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -36,6 +37,7 @@ from megahybrid.mixers.moe import MoE, route, z_loss
 from megahybrid.parallel.attention import attention_cp
 from megahybrid.parallel.group import CPGroup
 from megahybrid.parallel.mixers import CP_FORWARDS, cp_token_loss, forward_cp
+from megahybrid.pattern import resolve_layers
 
 ATTENTION_CLASSES = (Attention, SlidingWindowAttention)
 """Exact classes with an all-gather CP form (subclasses such as Zamba's shared attention differ)."""
@@ -63,7 +65,8 @@ def cp_lm_loss(logits: torch.Tensor, labels: torch.Tensor, comm: CPGroup, ignore
     `ignore_index` do not count); the shares sum to the unsplit mean, and a rank holding only ignored
     labels gives 0 with finite gradients (`cp_token_loss`)."""
     mask = labels != ignore_index
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.clamp_min(0).flatten(), reduction="none")
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # float64 stays
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.clamp_min(0).flatten(), reduction="none")
     return cp_token_loss(per_token.view_as(labels), mask, comm)
 
 
@@ -107,15 +110,8 @@ class ContextParallelLM(nn.Module):
 
 def check_context_parallel(config) -> None:
     """Raise a one-line `ConfigError` if `config`'s model cannot run under `parallel.cp` > 1."""
-    from megahybrid.pattern import resolve_layers
-
-    cp = config.parallel.cp
-    if cp > 1:
-        _check_layers(resolve_layers(config), config.model, cp)
-        if config.data.pack and not _recurrent_cp_takes_seq_idx() and any(
-                REGISTRY[s.symbol].cls() in CP_FORWARDS for s in resolve_layers(config)):
-            raise ConfigError(f"data.pack=true: packed documents under parallel.cp={cp} are not supported by the "
-                              "recurrent mixers' state passing yet; set data.pack=false or parallel.cp=1")
+    if config.parallel.cp > 1:
+        _check_layers(resolve_layers(config), config.model, config.parallel.cp)
 
 
 # ------------------------------------------------------------------------------------------ internals
@@ -129,28 +125,22 @@ def _mixer_cp(mixer, h: torch.Tensor, comm: CPGroup, seq_idx: Optional[torch.Ten
         if isinstance(mixer, MoE):
             mixer.aux_loss = moe_aux_loss_cp(mixer, h, comm)
         return y
-    if seq_idx is None:
-        return forward_cp(mixer, h, comm)[0]
-    if not _recurrent_cp_takes_seq_idx():
-        raise NotImplementedError(f"{type(mixer).__name__}: packed documents (seq_idx) under context "
-                                  "parallelism are not supported by its state passing yet; pass seq_idx=None")
     return forward_cp(mixer, h, comm, seq_idx=seq_idx)[0]
 
 
-def _recurrent_cp_takes_seq_idx() -> bool:
-    """Whether `forward_cp` handles packed documents (issue 7, item 4: added there separately)."""
-    return "seq_idx" in inspect.signature(forward_cp).parameters
+def _has_cp_form(cls) -> bool:
+    return cls.token_wise or cls in ATTENTION_CLASSES or cls in CP_FORWARDS
 
 
 def _check_layers(specs, model_config, cp: int) -> None:
     for spec in specs:
         layer_type = REGISTRY[spec.symbol]
         cls = layer_type.cls()
-        if not (cls.token_wise or cls in ATTENTION_CLASSES or cls in CP_FORWARDS):
+        if not _has_cp_form(cls):
+            supported = " ".join(lt.symbol for lt in REGISTRY.values() if _has_cp_form(lt.cls()))
             raise ConfigError(
                 f"model.pattern: layer {spec.index} {spec.symbol!r} ({layer_type.name}) has no context-parallel "
-                f"form; parallel.cp={cp} supports M G d r (state passing), * w (all-gathered keys) and the "
-                "token-wise - E; set parallel.cp=1 or change the pattern")
+                f"form (parallel.cp={cp} supports {supported}); set parallel.cp=1 or change the pattern")
         if cls is MoE and model_config.moe.capacity_factor is not None:
             raise ConfigError(
                 f"model.moe.capacity_factor={model_config.moe.capacity_factor}: capacity dropping keeps each "

@@ -244,44 +244,66 @@ def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chun
     return o, M @ s_in + local_end
 
 
-def delta_rule_heads_cp(comm: CPGroup, q, k, v, beta, g, state, chunk_size: int):
+def delta_rule_heads_cp(comm: CPGroup, q, k, v, beta, g, state, chunk_size: int,
+                        docs: Optional[SlotDocuments] = None):
     """`delta_rule_heads` (L2-normalised q/k, working dtype, autocast off) under CP."""
     work = torch.promote_types(v.dtype, torch.float32)
     h0 = None if state is None else state["recurrent"]
     with torch.autocast(v.device.type, enabled=False):
         q, k = l2norm(q.to(work)), l2norm(k.to(work))
         return delta_rule_cp(comm, q, k, v.to(work), beta.to(work), None if g is None else g.to(work),
-                             initial_state=h0, chunk_size=chunk_size)
+                             initial_state=h0, chunk_size=chunk_size, docs=docs)
 
 
-def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64):
+def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64,
+           docs: Optional[SlotDocuments] = None):
     """`chunked_ssd` under CP: x [rows, S, h, p], dt [rows, S, h], B, C [rows, S, g, n] are this
-    rank's slots; `initial_state` [B, h, p, n] the sequence's. Returns (y, state at each slot's end)."""
-    y_local, local_end = chunked_ssd(x, dt, A, B, C, D, None, chunk_size)
+    rank's slots; `initial_state` [B, h, p, n] the sequence's; `docs` the packed documents (None: one).
+    Returns (y, state at each slot's end)."""
+    if docs is None:
+        y_local, local_end = chunked_ssd(x, dt, A, B, C, D, None, chunk_size)
+    else:
+        y_local, local_end = run_slot_documents(lambda x, dt, B, C, s: chunked_ssd(x, dt, A, B, C, D, s, chunk_size),
+                                                [x, dt, B, C], docs)
     cum = (dt * A).cumsum(dim=1)  # [rows, S, h] log-decay from the slot's start, <= 0
-    decay = cum[:, -1].exp()  # M_c, one scalar per head
+    weight = cum.exp()  # how much of the incoming state each position reads
+    if docs is not None:  # nothing after the slot's first document start
+        weight = torch.where(docs.reads_incoming[..., None], weight, torch.zeros_like(weight))
+    decay = weight[:, -1]  # M_c, one scalar per head
     first = comm.first_slot(initial_state, like=local_end)
     L_all, M_all, first_all = exchange(comm, [local_end, decay, first])
     s_in = comm.own(incoming_states(lambda c, s: M_all[c][..., None, None] * s, L_all, first_all[0]))
     Ch = expand_groups(C, x.shape[2])
-    y = y_local + cum.exp()[..., None] * torch.einsum("bhpn,bthn->bthp", s_in, Ch)
+    y = y_local + weight[..., None] * torch.einsum("bhpn,bthn->bthp", s_in, Ch)
     return y, decay[..., None, None] * s_in + local_end
 
 
-def rglru_cp(comm: CPGroup, x, gate_x, gate_a, recurrent_param, c: float, h0=None):
+def rglru_cp(comm: CPGroup, x, gate_x, gate_a, recurrent_param, c: float, h0=None,
+             docs: Optional[SlotDocuments] = None):
     """`parallel_rglru` under CP: x, gate_x, gate_a [rows, S, W] are this rank's slots; `h0` [B, W]
     the sequence's incoming state, None = the sequence starts a document (its first token is not
-    scaled by sqrt(1 - a^2); every later slot continues). Returns (h [rows, S, W], h at each slot's end)."""
+    scaled by sqrt(1 - a^2); every later slot continues); `docs` the packed documents (None: one),
+    each start a reset. Returns (h [rows, S, W], h at each slot's end)."""
     log_a, u = rglru_coefficients(x, gate_x, gate_a, recurrent_param, c, reset=False)
-    if h0 is None:
-        starts = comm.is_first_slot(x.shape[0], x.device)[:, None, None]
-        _, u_reset = rglru_coefficients(x, gate_x, gate_a, recurrent_param, c, reset=True)
-        u = torch.where(starts, u_reset, u)
-    h_local, local_end = scan_linear_recurrence(log_a, u)
-    cum = log_a.cumsum(dim=1)
-    decay = cum[:, -1].exp()
+    if docs is None:
+        if h0 is None:
+            starts = comm.is_first_slot(x.shape[0], x.device)[:, None, None]
+            _, u_reset = rglru_coefficients(x, gate_x, gate_a, recurrent_param, c, reset=True)
+            u = torch.where(starts, u_reset, u)
+        h_local, local_end = scan_linear_recurrence(log_a, u)
+    else:
+        resets = docs.starts.clone()
+        if h0 is None:
+            resets[:, 0] |= comm.is_first_slot(x.shape[0], x.device)
+        # A reset token is not scaled by sqrt(1 - a^2) (`rglru_coefficients(reset=True)` at position 0).
+        u = torch.where(resets[..., None], torch.sigmoid(gate_x) * x, u)
+        h_local, local_end = run_slot_documents(scan_linear_recurrence, [log_a, u], docs)
+    weight = log_a.cumsum(dim=1).exp()  # how much of the incoming state each position keeps
+    if docs is not None:  # nothing after the slot's first document start
+        weight = torch.where(docs.reads_incoming[..., None], weight, torch.zeros_like(weight))
+    decay = weight[:, -1]
     first = comm.first_slot(h0, like=local_end)
     L_all, M_all, first_all = exchange(comm, [local_end, decay, first])
     h_in = comm.own(incoming_states(lambda c_, h: M_all[c_] * h, L_all, first_all[0]))
-    h = h_local + cum.exp() * h_in[:, None]
+    h = h_local + weight * h_in[:, None]
     return h, decay * h_in + local_end

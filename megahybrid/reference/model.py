@@ -24,7 +24,13 @@ class Block(nn.Module):
     Two variations a mixer declares (Zamba2's hybrid layer, mixers/shared_attention.py):
     `reads_embeddings`: it gets concat(x, embeddings) without this block's norm (it has none) and
     normalises the pair itself; `feeds_next_input`: x passes unchanged and the output is returned as
-    `carry`, which the next block adds to its input before its norm but not to its residual."""
+    `carry`, which the next block adds to its input before its norm but not to its residual.
+
+    Side streams (GoldFinch's compressed KV cache, mixers/goldfinch.py): per-forward tensors that
+    later layers read. `side_inputs` (stream names): concat(norm(x), *streams) is the mixer's input;
+    `side_output` (a stream name): the mixer returns concat(y, s), y goes to the residual and s is
+    stored as that stream. "embeddings" (the embedding output) is always a stream. Concatenating keeps
+    the streams inside the mixer contract: packed documents and state pieces split them with x."""
 
     def __init__(self, config, spec: LayerSpec, shared: dict, post_norm: bool = False):
         super().__init__()
@@ -35,17 +41,27 @@ class Block(nn.Module):
         self.mixer = REGISTRY[spec.symbol].cls()(config, index=spec.index, shared=shared)
         self.reads_embeddings = getattr(self.mixer, "reads_embeddings", False)
         self.feeds_next_input = getattr(self.mixer, "feeds_next_input", False)
+        self.side_inputs = tuple(getattr(self.mixer, "side_inputs", ()))
+        self.side_output = getattr(self.mixer, "side_output", None)
         if self.reads_embeddings:
             self.norm = None
 
-    def forward(self, x, state=None, seq_idx=None, need_state=True, embeddings=None, carry=None):
-        """-> (x, state, carry); carry is None unless the mixer `feeds_next_input`."""
+    def forward(self, x, state=None, seq_idx=None, need_state=True, embeddings=None, carry=None, streams=None):
+        """-> (x, state, carry); carry is None unless the mixer `feeds_next_input`. `streams`: the
+        side-stream dict of this forward (read and written in place)."""
         h = x if carry is None else x + carry
         if self.reads_embeddings:
             y, state = self.mixer(torch.cat([h, embeddings], dim=-1), state, seq_idx, need_state)
         elif self.post_norm:
             y, state = self.mixer(h, state, seq_idx, need_state)
             y = self.norm(y)
+        elif self.side_inputs or self.side_output:
+            streams = {"embeddings": embeddings} if streams is None else streams
+            u = torch.cat([self.norm(h), *(streams[k] for k in self.side_inputs)], dim=-1)
+            y, state = self.mixer(u, state, seq_idx, need_state)
+            if self.side_output:
+                streams[self.side_output] = y[..., x.shape[-1]:]
+                y = y[..., :x.shape[-1]]
         else:
             y, state = self.mixer(self.norm(h), state, seq_idx, need_state)
         y = y if self.residual_scale == 1.0 else self.residual_scale * y
@@ -83,8 +99,10 @@ class ReferenceLM(nn.Module):
         x = self.embed(input_ids)
         new_state = []
         embeddings, carry = x, None  # the embedding output (for `reads_embeddings`) and a `feeds_next_input` output
+        streams = {"embeddings": embeddings}  # side streams (Block docstring)
         for i, layer in enumerate(self.layers):
-            x, s, carry = layer(x, None if state is None else state[i], seq_idx, return_state, embeddings, carry)
+            x, s, carry = layer(x, None if state is None else state[i], seq_idx, return_state, embeddings, carry,
+                                streams)
             new_state.append(s)
         logits = self.head(x)
         return (logits, new_state) if return_state else logits

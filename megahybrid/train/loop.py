@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megahybrid import flops
+from megahybrid.parallel.model import cp_lm_loss
 from megahybrid.train import checkpoint
 from megahybrid.train.dist import Dist, unwrap
 from megahybrid.train.metrics import Metrics
@@ -75,6 +76,12 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
 
 
 def _loss(model, batch, dist: Dist) -> torch.Tensor:
+    if dist.cp is not None:  # this rank's CP slots of every sequence; its share of the loss (dist.py)
+        tokens, labels, seq_idx = (None if t is None else dist.cp.shard(t)
+                                   for t in (batch.tokens, batch.labels, batch.seq_idx))
+        with dist.autocast():
+            logits = model(tokens, seq_idx=seq_idx)
+        return cp_lm_loss(logits, labels, dist.cp) * dist.loss_scale
     with dist.autocast():
         logits = model(batch.tokens, seq_idx=batch.seq_idx)
     return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten())
@@ -85,15 +92,15 @@ def train_step(model, optimizer, data, step: int, lr: float, t, dist: Dist):
     or a reason string when the step was skipped (non-finite loss or gradient)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    accum = t.global_batch_size // (t.micro_batch_size * dist.world)
+    accum = t.global_batch_size // (t.micro_batch_size * dist.dp_world)
     sums = torch.zeros(2, device=dist.device)
     for micro in range(accum):
-        batch = data.train_batch(step, micro, dist.rank, dist.world).to(dist.device)
+        batch = data.train_batch(step, micro, dist.dp_rank, dist.dp_world).to(dist.device)
         if micro == 0 and hasattr(unwrap(model), "set_is_first_microbatch"):
             unwrap(model).set_is_first_microbatch()  # Megatron/TE FP8: re-cast the updated weights once per step
         with dist.no_sync(model, sync=micro == accum - 1):
             loss = _loss(model, batch, dist)
-            aux = unwrap(model).aux_loss().float()
+            aux = unwrap(model).aux_loss().float() * dist.loss_scale
             ((loss + aux) / accum).backward()
         sums += torch.stack([loss.detach(), aux.detach()])
     loss, aux = (dist.mean(sums) / accum).tolist()
@@ -112,7 +119,7 @@ def evaluate(model, data, t, dist: Dist) -> float:
     model.eval()
     total = torch.zeros((), device=dist.device)
     for i in range(t.eval_batches):
-        total += _loss(model, data.valid_batch(i, dist.rank, dist.world).to(dist.device), dist)
+        total += _loss(model, data.valid_batch(i, dist.dp_rank, dist.dp_world).to(dist.device), dist)
     model.train()
     return float(dist.mean(total / t.eval_batches))
 

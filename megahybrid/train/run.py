@@ -15,6 +15,7 @@ import megahybrid
 from megahybrid.config import ConfigError
 from megahybrid.data.loader import Data
 from megahybrid.data.prepare import prepare_run_data
+from megahybrid.parallel.model import check_context_parallel
 from megahybrid.train import checkpoint, dist as distributed, loop
 
 
@@ -49,12 +50,19 @@ def print_config(config, run_dir: Path) -> None:
 
 
 def check_layout_supported(config) -> None:
-    """The loop trains data-parallel only; model-parallel settings must not be silently ignored."""
+    """The loop trains data parallelism, plus context parallelism on the reference backend; other
+    model-parallel settings must not be silently ignored."""
     p = config.parallel
-    for name in ("tp", "pp", "ep", "cp"):
+    for name in ("tp", "pp", "ep"):
         if getattr(p, name) != 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: `megahybrid train` runs data parallelism "
-                              f"only so far (model-parallel layouts: megahybrid.parallel tests); set parallel.{name}=1")
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: `megahybrid train` runs data (and context) "
+                              f"parallelism only so far (model-parallel layouts: megahybrid.parallel tests); set "
+                              f"parallel.{name}=1")
+    if p.cp != 1 and config.train.backend != "reference":
+        raise ConfigError(f"parallel.cp={p.cp}: the {config.train.backend} backend does not train under context "
+                          "parallelism yet (Transformer Engine CP is not wired in); set train.backend=reference "
+                          "or parallel.cp=1")
+    check_context_parallel(config)
     if p.vpp is not None or p.sequence_parallel or p.distributed_optimizer or p.recompute != "none":
         raise ConfigError("parallel: vpp / sequence_parallel / distributed_optimizer / recompute are not used by "
                           "`megahybrid train` yet; leave them at their defaults")
@@ -65,7 +73,7 @@ def train_from_cli(config_source, out_dir, overrides) -> int:
     config = megahybrid.load_config(config_source, overrides)
     check_layout_supported(config)
     run_dir = make_run_dir(out_dir)
-    dist = distributed.setup(config.train)
+    dist = distributed.setup(config.train, config.parallel)
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
         prefixes = None
@@ -80,8 +88,9 @@ def train_from_cli(config_source, out_dir, overrides) -> int:
         torch.manual_seed(config.train.seed)
         model = megahybrid.build_model(config, config.train.backend).to(dist.device)
         params = sum(p.numel() for p in model.parameters())
+        layout = f" (cp {dist.cp_size} x dp {dist.dp_world})" if dist.cp else ""
         say(f"model: {params / 1e6:.2f}M parameters on {dist.device} ({str(dist.dtype).removeprefix('torch.')}), "
-            f"world size {dist.world}; data: {data.train_tokens / 1e6:.2f}M training tokens; "
+            f"world size {dist.world}{layout}; data: {data.train_tokens / 1e6:.2f}M training tokens; "
             f"ready in {time.time() - start:.1f}s", flush=True)
         return loop.train(config, model, data, run_dir, dist)
     except (loop.TrainingError, checkpoint.CheckpointError) as err:

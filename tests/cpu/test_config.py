@@ -32,11 +32,11 @@ def test_nested_unknown_key_names_path():
         load_config({"model": {"pattern": "*", "attention": {"num_head": 4}}})
 
 
-@pytest.mark.parametrize("override", ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.cp=2",
-                                      "parallel.recompute=full"])
+@pytest.mark.parametrize("override", ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2",
+                                      "parallel.cp=2 train.backend=megatron", "parallel.recompute=full"])
 def test_train_refuses_layouts_it_cannot_run(override):
     from megahybrid.train.run import check_layout_supported
 
-    config = load_config("default:tiny", [override, "model.pattern=MGE*", "train.seq_len=32"])
+    config = load_config("default:tiny", [*override.split(), "model.pattern=MGE*", "train.seq_len=32"])
     with pytest.raises(ConfigError, match=r"^parallel"):
         check_layout_supported(config)

@@ -5,6 +5,11 @@ input, the incoming state and every parameter:
 - simulated CP (all ranks in one process), CP = 2 and 4, contiguous and zigzag layouts;
 - real ranks over gloo: 4 spawned processes, CP over all 4 and over a 2-rank subgroup, both layouts
   (the all-gather's backward collective included);
+- packed documents (`seq_idx`): the same comparisons against the unsplit module with the same
+  `seq_idx` (the base class's packed path, itself == each document run on its own: checked here on
+  these rows by `check_packing`), on rows whose documents cross slot boundaries, start exactly on
+  one, share a slot, span whole slots and leave a conv halo that straddles a boundary
+  (`test_packed_rows_cover_the_cases` checks the rows do that for every layout);
 - a rank holding only padding gives a finite loss and finite gradients equal to the unsplit ones,
   where a per-rank mean would be NaN;
 - one-line errors for lengths that do not divide into the CP slots."""
@@ -28,6 +33,7 @@ from megahybrid.mixers.mamba2 import Mamba2
 from megahybrid.mixers.rglru import RGLRUBlock
 from megahybrid.parallel import DistributedCP, SimulatedCP, cp_token_loss, forward_cp
 from tests.helpers import assert_close
+from tests.mixer_checks import check_packing
 
 F64 = torch.float64
 HIDDEN, B, T = 16, 2, 48  # T / 8 = 6 tokens per zigzag slot at CP=4, >= the conv halo of 3
@@ -72,6 +78,48 @@ def inputs(module, with_state: bool, seed: int = 1):
     return x, (state if with_state else None), dy, dstate
 
 
+PACKED_ROWS = (
+    # on slot boundaries 12 and 24 (every layout here), 2 short documents just before 24, several
+    # documents in the first slot, and [34, 48) spanning whole slots with a halo (33-35) that straddles 34
+    (5, 2, 5, 1, 9, 1, 1, 10, 14),
+    None,  # random lengths (seeded)
+    # [0, 20) spans slots; [23, 48) crosses 24 with a halo (21-23) straddling 23 and spans [24, 48)
+    (20, 3, 25),
+)
+"""Document lengths of each packed row (T tokens each)."""
+
+
+def packed_rows() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for lengths in PACKED_ROWS:
+        if lengths is None:
+            lengths, left = [], T
+            while left:
+                lengths.append(min(left, int(torch.randint(1, 16, (1,), generator=gen))))
+                left -= lengths[-1]
+        rows.append(list(lengths))
+    return rows
+
+
+def packed_seq_idx() -> torch.Tensor:
+    """`[len(PACKED_ROWS), T]` document ids of `packed_rows()`."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in packed_rows()])
+
+
+def packed_inputs(module, with_state: bool, seed: int = 2):
+    """`inputs` for the packed rows: x [rows, T, hidden], state, cotangents, seq_idx [rows, T]."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    rows = len(PACKED_ROWS)
+    x = rand(rows, T, HIDDEN)
+    with torch.no_grad():
+        _, state = module(rand(rows, 5, HIDDEN))
+    dy = rand(rows, T, HIDDEN)
+    dstate = {k: rand(*v.shape) for k, v in state.items()}
+    return x, (state if with_state else None), dy, dstate, packed_seq_idx()
+
+
 def leaves(x, state):
     x = x.clone().requires_grad_()
     state = None if state is None else {k: v.clone().requires_grad_() for k, v in state.items()}
@@ -85,10 +133,10 @@ def grads_of(loss, module, x, state) -> dict:
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(named.items(), found)}
 
 
-def reference(module, x, state, dy, dstate):
+def reference(module, x, state, dy, dstate, seq_idx=None):
     """The whole sequence in one call: (y, final state, grads)."""
     x, state = leaves(x, state)
-    y, final = module(x, state)
+    y, final = module(x, state, seq_idx)
     loss = (y * dy).sum() + sum((final[k] * dstate[k]).sum() for k in final)
     return y.detach(), {k: v.detach() for k, v in final.items()}, grads_of(loss, module, x, state)
 
@@ -142,6 +190,76 @@ def test_slot_end_states_are_the_states_at_slot_boundaries():
                 assert_close(f"rank {r} state[{k}]", prefix[k], ends[k].unflatten(0, (4, B))[r], RTOL)
 
 
+# ---------------------------------------------------------------------- packed documents
+
+
+@pytest.mark.parametrize("cp,layout", [(2, "contiguous"), (4, "contiguous"), (2, "zigzag"), (4, "zigzag")])
+def test_packed_rows_cover_the_cases(cp, layout):
+    """The packed rows exercise every case at every slot size used: a document starting exactly on a
+    slot boundary, one crossing a boundary, one spanning a whole slot, a slot holding several
+    starts, and a conv halo (last 3 tokens of a slot) that holds a document start."""
+    slot = T // SimulatedCP(cp, layout).num_slots
+    starts = [set(torch.cumsum(torch.tensor([0] + r[:-1]), 0).tolist()) for r in packed_rows()]
+    bounds = range(slot, T, slot)
+    assert any(b in s for s in starts for b in bounds), "no document starts on a slot boundary"
+    assert any(b not in s for s in starts for b in bounds), "no document crosses a slot boundary"
+    assert any(not s & set(range(c, c + slot)) for s in starts for c in bounds), "no slot inside one document"
+    assert any(len(s & set(range(c, c + slot))) > 1 for s in starts for c in range(0, T, slot)), \
+        "no slot with several document starts"
+    assert any(b not in s and s & {b - 2, b - 1} for s in starts for b in bounds), "no halo straddling a start"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_reference_is_documents_run_alone(name):
+    """The oracle of the packed CP tests on these rows: the unsplit module with `seq_idx` == each
+    document on its own (from the row's incoming state for its first document, else from None)."""
+    module = build(name)
+    x, state, _, _, _ = packed_inputs(module, with_state=True)
+    with torch.no_grad():
+        check_packing(module, x, packed_rows(), RTOL, state)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("cp,layout,with_state", [
+    (2, "contiguous", False), (4, "contiguous", True), (2, "zigzag", True), (4, "zigzag", False),
+], ids=lambda v: str(v))
+def test_packed_simulated_equals_whole(name, cp, layout, with_state):
+    """Packed rows under CP == the unsplit module with the same `seq_idx`: outputs, final state (the
+    last document's) and the gradients of the input, the incoming state and every parameter."""
+    module = build(name)
+    x, state, dy, dstate, seq_idx = packed_inputs(module, with_state)
+    y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate, seq_idx)
+
+    comm = SimulatedCP(cp, layout)
+    x, state = leaves(x, state)
+    y_local, end_local = forward_cp(module, comm.shard(x), comm, state, seq_idx=comm.shard(seq_idx))
+    final = {k: v.unflatten(0, (cp, -1))[comm.last_slot_rank] for k, v in end_local.items()}
+    grads = grads_of(cp_loss(y_local, final, comm, dy, dstate, last_rank=True), module, x, state)
+
+    assert_close("y", y_ref, comm.unshard(y_local), RTOL)
+    assert final.keys() == final_ref.keys()
+    for k in final_ref:
+        assert_close(f"final state[{k}]", final_ref[k], final[k], RTOL)
+    for n in grads_ref:
+        assert_close(f"d {n}", grads_ref[n], grads[n], RTOL)
+
+
+@pytest.mark.parametrize("name", ["gdn", "rglru"])
+def test_packed_slot_end_states(name):
+    """Every rank's returned state == the unsplit packed module's state after its slot's last token
+    (the state of the document that token is in)."""
+    module = build(name)
+    x, state, _, _, seq_idx = packed_inputs(module, with_state=True)
+    comm = SimulatedCP(4)
+    with torch.no_grad():
+        _, ends = forward_cp(module, comm.shard(x), comm, state, seq_idx=comm.shard(seq_idx))
+        for r in range(4):
+            end = (r + 1) * T // 4
+            _, prefix = module(x[:, :end], state, seq_idx[:, :end])
+            for k in prefix:
+                assert_close(f"rank {r} state[{k}]", prefix[k], ends[k].unflatten(0, (4, -1))[r], RTOL)
+
+
 # ---------------------------------------------------------------------- padding-only rank
 
 
@@ -183,29 +301,33 @@ def test_padding_only_rank_is_finite(name, pad_rank):
 
 
 def _check_ranks(group, layouts: tuple[str, ...], checks: list) -> None:
-    """This process as one rank of `group`: every mixer and layout, CP == the whole sequence computed
+    """This process as one rank of `group`: every mixer and layout, one document per row and packed
+    rows, CP == the whole sequence computed
     locally. Parameter and incoming-state gradients are summed over the group's ranks (as the gradient
     all-reduce would); the comparisons are appended to `checks` and run after every collective."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    for layout in layouts:
-        for name in CONFIGS:
-            module = build(name)
-            x, state, dy, dstate = inputs(module, with_state=True)
-            y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate)
-            comm = DistributedCP(group, layout=layout)
-            x_local = comm.shard(x).requires_grad_()
-            _, state = leaves(x, state)  # passed on every rank; only the first slot's holder reads it
-            y_local, end = forward_cp(module, x_local, comm, state)
-            last = rank == comm.last_slot_rank
-            grads = grads_of(cp_loss(y_local, end, comm, dy, dstate, last), module, x_local, state)
-            where = f"[{name} {layout} rank {rank}/{world}]"
-            checks += [(f"{where} y", comm.shard(y_ref), y_local),
-                       (f"{where} dx", comm.shard(grads_ref["x"]), grads["x"])]
-            checks += [(f"{where} final state[{k}]", final_ref[k], end[k]) for k in final_ref if last]
-            for n in grads_ref:
-                if n != "x":
-                    dist.all_reduce(grads[n], group=group)
-                    checks.append((f"{where} d {n}", grads_ref[n], grads[n]))
+    for layout, name, packed in [(lo, n, p) for lo in layouts for n in CONFIGS for p in (False, True)]:
+        module = build(name)
+        if packed:
+            x, state, dy, dstate, seq_idx = packed_inputs(module, with_state=True)
+        else:
+            (x, state, dy, dstate), seq_idx = inputs(module, with_state=True), None
+        y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate, seq_idx)
+        comm = DistributedCP(group, layout=layout)
+        x_local = comm.shard(x).requires_grad_()
+        _, state = leaves(x, state)  # passed on every rank; only the first slot's holder reads it
+        y_local, end = forward_cp(module, x_local, comm, state,
+                                  seq_idx=None if seq_idx is None else comm.shard(seq_idx))
+        last = rank == comm.last_slot_rank
+        grads = grads_of(cp_loss(y_local, end, comm, dy, dstate, last), module, x_local, state)
+        where = f"[{name} {layout}{' packed' if packed else ''} rank {rank}/{world}]"
+        checks += [(f"{where} y", comm.shard(y_ref), y_local),
+                   (f"{where} dx", comm.shard(grads_ref["x"]), grads["x"])]
+        checks += [(f"{where} final state[{k}]", final_ref[k], end[k]) for k in final_ref if last]
+        for n in grads_ref:
+            if n != "x":
+                dist.all_reduce(grads[n], group=group)
+                checks.append((f"{where} d {n}", grads_ref[n], grads[n]))
 
     # the last rank holds only padding: finite loss and gradients, equal to the unsplit masked mean
     module = build("gdn")
@@ -251,7 +373,8 @@ def _gloo_worker(rank: int, init_file: str) -> None:
 
 
 def test_gloo_ranks_equal_whole():
-    """CP over 4 and over 2 real processes (gloo) == one process, both layouts."""
+    """CP over 4 and over 2 real processes (gloo) == one process, both layouts, one document per row
+    and packed rows."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_gloo_worker, args=(os.path.join(tmp, "rendezvous"),), nprocs=4)
 
@@ -270,6 +393,9 @@ def test_length_errors():
     with pytest.raises(ConfigError, match=r"train\.seq_len=100: must be divisible by 8 \(parallel\.cp=4, "
                                           r"cp_layout='zigzag'.*use 104"):
         load_config(None, ["parallel.cp=4", "parallel.cp_layout=zigzag", "train.seq_len=100"])
+    with pytest.raises(ValueError, match=r"seq_idx shape \(1, 6\) must equal x's \[batch, seq\] \(4, 12\)"):
+        forward_cp(build("gdn"), comm.shard(torch.zeros(1, 48, HIDDEN, dtype=F64)), comm,
+                   seq_idx=torch.zeros(1, 6, dtype=torch.long))
     attention = Attention(ModelConfig(hidden_size=HIDDEN))
     with pytest.raises(NotImplementedError, match="Attention: no state-passing context parallelism"):
         forward_cp(attention, comm.shard(torch.zeros(1, 8, HIDDEN)), comm)
