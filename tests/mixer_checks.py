@@ -73,3 +73,22 @@ def check_grads(ref, out, leaves: dict, rtol: float) -> None:
     out_grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cotangents)), tensors)
     for name, r, o in zip(leaves, ref_grads, out_grads):
         assert_close(f"grad {name}", r, o, rtol)
+
+
+def check_causal(module, x: torch.Tensor, t: int) -> None:
+    """Changing token t leaves every output before t bit-identical and changes the output at t."""
+    x2 = x.clone()
+    x2[:, t] += 1.0
+    y, _ = module(x)
+    y2, _ = module(x2)
+    assert torch.equal(y[:, :t], y2[:, :t]), "an output before the changed token moved"
+    assert (y[:, t] - y2[:, t]).abs().max() > 1e-3, "the changed token did not reach its own output"
+
+
+def randomize_biases(module, scale: float = 0.3):
+    """Biases init at zero and could hide a bug: give them random values (in place); returns module."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "bias" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    return module

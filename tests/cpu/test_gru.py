@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megahybrid.config import ConfigError, GRUConfig, ModelConfig
 from megahybrid.mixers.gru import MinGRU, naive_recurrent_min_gru, parallel_min_gru
 from tests.helpers import assert_close
-from tests.mixer_checks import check_grads, check_packing, check_pieces
+from tests.mixer_checks import check_causal, check_grads, check_packing, check_pieces, randomize_biases
 
 F64 = torch.float64
 HIDDEN = 20
@@ -25,12 +25,7 @@ def make_config(**gru) -> ModelConfig:
 def build(config, seed: int = 0) -> MinGRU:
     """The layer in float64 with random biases too (they init at zero and could hide a bug)."""
     torch.manual_seed(seed)
-    m = MinGRU(config).double()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "bias" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    return m
+    return randomize_biases(MinGRU(config).double())
 
 
 def op_inputs(B: int, T: int, W: int, initial_state: bool):
@@ -93,13 +88,7 @@ def test_packed_equals_separate():
 def test_causal():
     """Changing token t leaves every output before t unchanged."""
     m = build(make_config(conv_kernel=4))
-    x = torch.randn(1, 30, HIDDEN, dtype=F64)
-    x2 = x.clone()
-    x2[:, 17] += 1.0
-    y, _ = m(x)
-    y2, _ = m(x2)
-    assert torch.equal(y[:, :17], y2[:, :17])
-    assert (y[:, 17] - y2[:, 17]).abs().max() > 1e-3
+    check_causal(m, torch.randn(1, 30, HIDDEN, dtype=F64), 17)
 
 
 def test_layer_matches_naive_with_copied_projections():

@@ -10,7 +10,7 @@ import torch
 from megahybrid.config import ConfigError, ModelConfig, RGLRUConfig
 from megahybrid.mixers.rglru import RGLRU, RGLRUBlock, naive_recurrent_rglru, parallel_rglru
 from tests.helpers import assert_close
-from tests.mixer_checks import check_grads, check_packing, check_pieces
+from tests.mixer_checks import check_grads, check_packing, check_pieces, randomize_biases
 
 F64 = torch.float64
 HIDDEN, WIDTH, HEADS = 20, 24, 4
@@ -24,12 +24,7 @@ def make_config(**rglru) -> ModelConfig:
 def build(config, seed: int = 0) -> RGLRUBlock:
     """The block in float64 with random biases too (they init at zero and could hide a bug)."""
     torch.manual_seed(seed)
-    m = RGLRUBlock(config).double()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "bias" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    return m
+    return randomize_biases(RGLRUBlock(config).double())
 
 
 def op_inputs(B: int, T: int, W: int, initial_state: bool):
