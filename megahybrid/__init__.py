@@ -12,9 +12,10 @@ def build_model(config, backend: str = "reference"):
     if not isinstance(config, Config) and type(config).__name__ != "ModelConfig":
         config = load_config(config)
     if backend == "reference":
+        from megahybrid.adapters import apply_adapters
         from megahybrid.reference.model import ReferenceLM
 
-        return ReferenceLM(config)
+        return apply_adapters(ReferenceLM(config), getattr(config, "model", config).adapters)
     if backend == "megatron":
         from megahybrid.megatron.model import build_megatron_model
 

@@ -360,6 +360,108 @@ class GoldFinchConfig:
 
 
 @dataclass
+class EngramConfig:
+    """Engram conditional memory (`n`), DeepSeek 2026 (arXiv 2601.07372): hashed N-gram embedding
+    tables, a context-aware gate and a short causal conv, added to the residual (mixers/engram.py)."""
+
+    max_ngram: int = 3
+    """N-grams of orders 2..max_ngram ending at each position; also the conv's dilation (paper)."""
+    heads_per_ngram: int = 4
+    """Hash heads (tables) per N-gram order; collisions in one head are rarely collisions in all."""
+    table_size: int = 65536
+    """Rows per hash head, rounded up to distinct primes (one per head, as the official demo)."""
+    head_dim: int = 32
+    """Width of each head's rows; e is (max_ngram-1) * heads_per_ngram * head_dim wide."""
+    conv_kernel: int = 4
+    """Taps of the depthwise causal conv (paper: 4)."""
+    gate_signed_sqrt: bool = True
+    """Gate sigmoid(sign(s) sqrt|s|) as the official demo; false = sigmoid(s) (paper eq. 4)."""
+    hash_seed: int = 0
+    """Seed of the multiplicative-XOR hash multipliers (combined with the layer index)."""
+    host_tables: bool = False
+    """Keep the tables in host memory (pinned when CUDA is present); `.to()` does not move them and the
+    gathered rows are moved to the device. No effect on a CPU-only run."""
+
+
+@dataclass
+class MoDrConfig:
+    """MoDr (`o`, MegaCpp hybrid family): one core block shared by every `o` position, applied `repeats`
+    times per position with a residual, each time with per-token routed LoRA branches on its input and
+    output (megahybrid/mixers/modr.py)."""
+
+    core: str = "gdn"
+    """Layer type (long name or symbol) of the shared core, e.g. gdn, mamba2, rglru, attention, mlp;
+    its sizes come from its own section."""
+    repeats: int = 2
+    """Applications of the core per `o` position (each with its own router, branches and state)."""
+    num_branches: int = 4
+    """LoRA branches per application a router picks from."""
+    top_k: int = 1
+    """Branches per token (1 = Switch-style, weight = router probability; > 1 renormalised)."""
+    lora_rank: int = 8
+    """Rank of every LoRA branch (down N(0, init_std), up zeros)."""
+    aux_loss_coeff: float = 0.01
+    """Weight of the Switch load-balancing loss over branches (mean over applications); 0 = none."""
+
+
+@dataclass
+class HyperConnectionsConfig:
+    """mHC hyper-connections (arXiv 2512.24880): n residual streams mixed by a doubly-stochastic matrix
+    (megahybrid/blocks/hyper_connections.py). streams = 1 is the plain residual (off)."""
+
+    streams: int = 1
+    """Residual streams n; > 1 turns mHC on (every block, pre-norm only)."""
+    dynamic: bool = False
+    """Input-dependent (per-token) read, write and mixing weights on top of the learned static ones."""
+    sinkhorn_iters: int = 20
+    """Sinkhorn-Knopp iterations that make the mixing matrix doubly stochastic (the paper uses 20)."""
+
+
+@dataclass
+class MixtureOfDepthsConfig:
+    """Mixture-of-Depths (arXiv 2404.02258): a router picks the tokens that run chosen blocks, the others
+    skip them (megahybrid/blocks/mixture_of_depths.py). Off while `layers` is empty."""
+
+    layers: list[int] = field(default_factory=list)
+    """0-based block indices (channel blocks '-' / 'E' only) whose tokens are routed."""
+    capacity: float = 0.125
+    """topk routing: fraction of each row's tokens that run the block in training."""
+    routing: Literal["topk", "threshold", "soft"] = "topk"
+    """topk: top capacity*T tokens per row in training, router logit > threshold at inference (causal);
+    threshold: logit > threshold always; soft: every token runs, output scaled by sigmoid(logit)."""
+    threshold: float = 0.0
+    """Router-logit threshold of threshold routing and of topk routing at inference."""
+    aux_loss_coeff: float = 0.01
+    """topk: weight of the BCE loss teaching logit > threshold <=> in the top k (keeps inference causal)."""
+
+
+@dataclass
+class AdapterConfig:
+    """Parameter-efficient adapters on chosen linears of any mixer (megahybrid/adapters.py): LoRA
+    (arXiv 2106.09685), DoRA (2402.09353), VeRA (2310.11454), DyLoRA (2210.07558). Off while method='none'."""
+
+    method: Literal["none", "lora", "dora", "vera", "dylora", "qlora"] = "none"
+    """Adapter kind; 'qlora' (4-bit NF4 base) is refused until bitsandbytes on GPU is wired."""
+    rank: int = 8
+    """Rank r of the update (DyLoRA: the largest rank sampled)."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank (LoRA, DoRA, DyLoRA; VeRA has no scale)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"])
+    """Module-name patterns (fnmatch): one with a dot matches the full name (layers.3.mixer.q_proj), one
+    without matches the last part (q_proj, *_proj). Each must match at least one nn.Linear."""
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+    """Adapter parameter dtype; auto = the base weight's dtype."""
+    freeze_base: bool = True
+    """Only the adapter parameters train; every other parameter gets requires_grad=False."""
+    vera_seed: int = 0
+    """VeRA: seed of the shared frozen random matrices (regenerated, not stored)."""
+    dylora_eval_rank: Optional[int] = None
+    """DyLoRA: rank used in eval and when merging; None = rank."""
+
+
+@dataclass
 class ModelConfig:
     """Architecture. The layer list comes from exactly one of: pattern, layers, or a
     backbone with attention_every / attention_layers / ratio."""
@@ -430,6 +532,11 @@ class ModelConfig:
     hyena: HyenaConfig = field(default_factory=HyenaConfig)
     based: BasedConfig = field(default_factory=BasedConfig)
     goldfinch: GoldFinchConfig = field(default_factory=GoldFinchConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    modr: MoDrConfig = field(default_factory=MoDrConfig)
+    hyper_connections: HyperConnectionsConfig = field(default_factory=HyperConnectionsConfig)
+    mod: MixtureOfDepthsConfig = field(default_factory=MixtureOfDepthsConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 # ------------------------------------------------------------------------- parallel, train
@@ -563,7 +670,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            fail(path, value, f"must be a list")
+            fail(path, value, "must be a list")
         args = typing.get_args(inner)
         item_tp = args[0] if args else Any
         items = [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
@@ -699,6 +806,12 @@ def validate(config: Config) -> None:
     if any(i < 0 or i >= num_blocks for i in post) or len(set(post)) != len(post):
         fail("model.post_norm_layers", m.post_norm_layers,
              f"must list distinct block indices in [0, {num_blocks}) (one block per pattern symbol)")
+    from megahybrid.blocks.hyper_connections import check_hyper_connections
+    from megahybrid.blocks.mixture_of_depths import check_mixture_of_depths
+    check_hyper_connections(m)
+    check_mixture_of_depths(m, pattern.resolve_layers(config))
+    from megahybrid.adapters import check_config as check_adapters
+    check_adapters(m.adapters)
     t = config.train
     if t.global_batch_size % t.micro_batch_size:
         fail("train.global_batch_size", t.global_batch_size,

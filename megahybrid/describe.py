@@ -7,6 +7,7 @@ import torch
 
 from megahybrid.flops import head_flops_per_token, layer_flops_per_token
 from megahybrid.pattern import pipeline_pattern, stage_of
+from megahybrid.taxonomy import block_label
 
 
 def _count(module, seen: set) -> int:
@@ -34,8 +35,10 @@ def describe(config, seq_len: int | None = None) -> dict:
     for block in model.layers:
         spec = block.spec
         rank, virtual = stage_of(spec, len(parsed.segments), len(parsed.main_layers), pp)
+        label, branch = block_label(spec.symbol, config)
         rows.append({
             "index": spec.index, "symbol": spec.symbol, "name": spec.name,
+            "block": label, "block_branch": branch,  # MegaCpp taxonomy (megahybrid/taxonomy.py)
             "params": _count(block, seen),
             "flops_per_token": layer_flops_per_token(config, spec, seq_len),
             "stage": rank, "virtual_stage": virtual,
@@ -77,11 +80,11 @@ def _human(n: float) -> str:
 
 def format_table(info: dict) -> str:
     lines = [f"pattern: {info['pattern']}   (FLOPs at seq_len {info['seq_len']}, forward, causal)",
-             f"{'idx':>4} {'sym':>3}  {'name':<17}{'params':>10}{'FLOPs/tok':>11}{'stage':>6}"]
+             f"{'idx':>4} {'sym':>3}  {'name':<17}{'params':>10}{'FLOPs/tok':>11}{'stage':>6}  block"]
     lines.append(f"{'':>4} {'':>3}  {'embedding':<17}{_human(info['embedding_params']):>10}{'0':>11}{'':>6}")
     for r in info["layers"]:
         lines.append(f"{r['index']:>4} {r['symbol']:>3}  {r['name']:<17}{_human(r['params']):>10}"
-                     f"{_human(r['flops_per_token']):>11}{r['stage']:>6}")
+                     f"{_human(r['flops_per_token']):>11}{r['stage']:>6}  {r['block']} {r['block_branch']}")
     lines.append(f"{'':>4} {'':>3}  {'final norm + head':<17}"
                  f"{_human(info['final_norm_params'] + info['head_params']):>10}"
                  f"{_human(info['head_flops_per_token']):>11}{'':>6}")

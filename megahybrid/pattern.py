@@ -14,7 +14,7 @@ symbols only, the resolved layers equal Megatron-Core 0.19.2's `parse_hybrid_pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from megahybrid.config import ConfigError, fail

@@ -122,6 +122,15 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
     if m.post_norm_layers:
         fail("model.post_norm_layers", m.post_norm_layers, "the megatron backend's layers are pre-norm; set it to "
              "null or use backend='reference'")
+    if m.adapters.method != "none":
+        fail("model.adapters.method", m.adapters.method, "adapters are not built by the megatron backend yet; set it "
+             "to 'none' or use backend='reference'")
+    if m.hyper_connections.streams != 1:
+        fail("model.hyper_connections.streams", m.hyper_connections.streams, "mHC hyper-connections are not built by "
+             "the megatron backend; set it to 1 or use backend='reference'")
+    if m.mod.layers:
+        fail("model.mod.layers", m.mod.layers, "Mixture-of-Depths routing is not built by the megatron backend; set "
+             "it to [] or use backend='reference'")
     if "*" in symbols and m.attention.qk_norm and m.attention.qk_norm_scope != "head":
         fail("model.attention.qk_norm_scope", m.attention.qk_norm_scope, "Megatron's QK layernorm is per head; "
              "use 'head' or backend='reference'")

@@ -87,5 +87,9 @@ for _lt in [
     LayerType("b", "based", "mixer", f"{_M}.based:Based", (), False, "Based Taylor linear attention"),
     LayerType("f", "goldfinch", "mixer", f"{_M}.goldfinch:GoldAttention", ("gold",), False,
               "GoldFinch GOLD attention over one shared compressed KV cache"),
+    LayerType("o", "modr", "mixer", f"{_M}.modr:MoDr", (), False,
+              "MoDr: one shared core applied repeatedly with per-token routed LoRA branches"),
+    LayerType("n", "engram", "mixer", f"{_M}.engram:Engram", (), False,
+              "Engram hashed N-gram memory with context-aware gating (reads the token ids)"),
 ]:
     register(_lt)

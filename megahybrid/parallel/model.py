@@ -133,6 +133,14 @@ def _has_cp_form(cls) -> bool:
 
 
 def _check_layers(specs, model_config, cp: int) -> None:
+    # cp_forward_lm walks the plain residual; the block features of megahybrid/blocks/ are not wired here.
+    if model_config.hyper_connections.streams != 1:
+        raise ConfigError(f"model.hyper_connections.streams={model_config.hyper_connections.streams}: mHC has no "
+                          f"context-parallel form yet (parallel.cp={cp}); set it to 1 or parallel.cp=1")
+    if model_config.mod.layers:
+        raise ConfigError(f"model.mod.layers={model_config.mod.layers}: Mixture-of-Depths has no context-parallel "
+                          f"form yet (parallel.cp={cp}; top-k routing needs the whole row); set it to [] or "
+                          "parallel.cp=1")
     for spec in specs:
         layer_type = REGISTRY[spec.symbol]
         cls = layer_type.cls()

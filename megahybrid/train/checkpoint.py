@@ -4,6 +4,7 @@
     optimizer.safetensors  optimizer state tensors; param groups as JSON in the header
     rng.safetensors        torch CPU (and CUDA) generator states
     config.yaml            the resolved config
+    adapters.json          only with adapters: method, rank, alpha, targets, dtype, modules, base sha256
     meta.json              step, tokens, elapsed time, NaN-skip streak, and size + sha256 per file
 
 Nothing is unpickled: every tensor comes from safetensors, everything else from JSON/YAML, so a
@@ -28,6 +29,9 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from megahybrid import adapters
+from megahybrid.config import ConfigError
 
 FORMAT = 1
 MODEL, OPTIMIZER, RNG, CONFIG, META = ("model.safetensors", "optimizer.safetensors", "rng.safetensors",
@@ -96,8 +100,11 @@ def save(root: Path, step: int, model, optimizer, config, meta: dict, keep_last:
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / RNG))
     (tmp / CONFIG).write_text(config_yaml(config))
+    adapter_meta = adapters.metadata(model)
+    if adapter_meta is not None:
+        (tmp / adapters.METADATA).write_text(json.dumps(adapter_meta, indent=1))
     files = {}
-    for name in (MODEL, OPTIMIZER, RNG, CONFIG):
+    for name in (MODEL, OPTIMIZER, RNG, CONFIG, *([adapters.METADATA] if adapter_meta is not None else [])):
         _fsync(tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
     (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, **meta, "files": files}, indent=1))
@@ -130,7 +137,7 @@ def verify(path: Path) -> dict:
         raise CheckpointError(f"{META} unreadable: {err}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"format {meta.get('format')!r}, expected {FORMAT}")
-    for name in (MODEL, OPTIMIZER, RNG, CONFIG):
+    for name in (MODEL, OPTIMIZER, RNG, CONFIG, *([adapters.METADATA] if adapters.METADATA in files else [])):
         file = path / name
         if name not in files or not file.is_file():
             raise CheckpointError(f"{name} missing")
@@ -166,6 +173,7 @@ def find_latest(root: Path, warn=None) -> Optional[tuple[Path, dict]]:
 
 def restore(path: Path, model, optimizer, device) -> None:
     """Load weights, optimizer state and RNG states of a verified checkpoint into place."""
+    check_adapters(path, model)
     try:
         load_model(model, str(path / MODEL), strict=True, device=str(device))
     except (RuntimeError, KeyError) as err:
@@ -178,6 +186,21 @@ def restore(path: Path, model, optimizer, device) -> None:
     cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def check_adapters(path: Path, model) -> None:
+    """CheckpointError naming the field if the checkpoint's adapters.json (or its absence) disagrees
+    with the adapters of `model` (its base weights come from this checkpoint, so no base hash check)."""
+    saved_file = path / adapters.METADATA
+    if not saved_file.is_file():
+        if adapters.metadata(model, with_base_hash=False) is not None:
+            raise CheckpointError(f"checkpoint {path} has no adapters but the model has "
+                                  f"{model.adapter_metadata['method']} adapters; set model.adapters.method='none'")
+        return
+    try:
+        adapters.check_metadata(json.loads(saved_file.read_text()), model, str(saved_file), check_base=False)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_model_checkpoint(path) -> tuple[torch.nn.Module, object]:
@@ -196,5 +219,6 @@ def load_model_checkpoint(path) -> tuple[torch.nn.Module, object]:
         verify(path)
     config = megahybrid.load_config(yaml.safe_load((path / CONFIG).read_text()))
     model = megahybrid.build_model(config)
+    check_adapters(path, model)
     load_model(model, str(path / MODEL), strict=True)
     return model.eval(), config

@@ -8,7 +8,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megahybrid import load_config
 from megahybrid.megatron import mapping

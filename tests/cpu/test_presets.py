@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import yaml
 from pathlib import Path
 
 from megahybrid import build_model, load_config, presets
