@@ -9,11 +9,8 @@ from __future__ import annotations
 import math
 
 from megahybrid.convert.base import ConversionError, HFArchitecture, Tensors, register, unsupported
-from megahybrid.convert.hf_common import finish_from_hf, finish_to_hf
+from megahybrid.convert.hf_common import finish_from_hf, finish_to_hf, mamba2_keys, move_pairs
 from megahybrid.pattern import resolve_layers
-
-MIXER_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
-              "out_proj.weight")
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -61,32 +58,25 @@ def config_to_hf(m) -> dict:
     }
 
 
-def _mixer_keys(m):
-    keys = list(MIXER_KEYS)
-    if not m.mamba2.use_conv_bias:
-        keys.remove("conv1d.bias")
-    if m.mamba2.use_bias:
-        keys += ["in_proj.bias", "out_proj.bias"]
-    return keys
+def _pairs(m) -> list[tuple[str, str]]:
+    """(HF key, megahybrid key) of every tensor but the LM head; drives both directions."""
+    pairs = [("backbone.embeddings.weight", "embedding.weight"), ("backbone.norm_f.weight", "final_norm.weight")]
+    for i in range(len(resolve_layers(m))):
+        hf, ref = f"backbone.layers.{i}.", f"layers.{i}."
+        pairs.append((hf + "norm.weight", ref + "norm.weight"))
+        pairs += [(f"{hf}mixer.{k}", f"{ref}mixer.{k}") for k in mamba2_keys(m.mamba2)]
+    return pairs
 
 
 def state_from_hf(hf: Tensors, m) -> dict:
-    out = {"embedding.weight": hf.pop("backbone.embeddings.weight"),
-           "final_norm.weight": hf.pop("backbone.norm_f.weight")}
-    for i, _ in enumerate(resolve_layers(m)):
-        out[f"layers.{i}.norm.weight"] = hf.pop(f"backbone.layers.{i}.norm.weight")
-        for key in _mixer_keys(m):
-            out[f"layers.{i}.mixer.{key}"] = hf.pop(f"backbone.layers.{i}.mixer.{key}")
+    out: dict = {}
+    move_pairs(hf, out, _pairs(m))
     return finish_from_hf(hf, m, out)
 
 
 def state_to_hf(ref: Tensors, m) -> dict:
-    out = {"backbone.embeddings.weight": ref.pop("embedding.weight"),
-           "backbone.norm_f.weight": ref.pop("final_norm.weight")}
-    for i, _ in enumerate(resolve_layers(m)):
-        out[f"backbone.layers.{i}.norm.weight"] = ref.pop(f"layers.{i}.norm.weight")
-        for key in _mixer_keys(m):
-            out[f"backbone.layers.{i}.mixer.{key}"] = ref.pop(f"layers.{i}.mixer.{key}")
+    out: dict = {}
+    move_pairs(ref, out, _pairs(m), reverse=True)
     return finish_to_hf(ref, m, out)
 
 
