@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -48,7 +49,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megahybrid.config import Config, ConfigError
 from megahybrid.megatron.gdn_guard import ensure_gdn_backward
-from megahybrid.pattern import layout_string, parse, resolve_layers
+from megahybrid.pattern import layout_string, parse, resolve_layers, stage_of
 from megahybrid.megatron.transformer_config import (
     Precision,
     _activation,
@@ -76,6 +77,7 @@ def ensure_model_parallel(parallel=None, seed: int = 1234) -> None:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tp if p else 1,
             pipeline_model_parallel_size=p.pp if p else 1,
+            virtual_pipeline_model_parallel_size=p.vpp if p else None,
             expert_model_parallel_size=p.ep if p else 1,
             expert_tensor_parallel_size=(p.etp or p.tp) if p else 1,
             context_parallel_size=p.cp if p else 1,
@@ -164,35 +166,45 @@ def layer_transformer_configs(tc, m, symbols) -> dict:
 
 
 class Decoder(MegatronModule):
-    """Our HybridStack: one layer per pattern symbol, then the final norm; FP8 contexts per layer."""
+    """Our HybridStack: one layer per pattern symbol of this pipeline stage (`layers`), then the final
+    norm on the last stage; FP8 contexts per layer. On a stage after the first, the input comes from
+    the previous stage through `set_input_tensor` (Megatron's schedules call it)."""
 
-    def __init__(self, tc, m, precision: Precision, pg):
+    def __init__(self, tc, m, precision: Precision, pg, layers, post_process: bool = True):
         super().__init__(config=tc)
         self.tp_group = pg.tp
-        self.layer_specs = resolve_layers(m)
+        self.layer_specs = list(layers)
+        self.post_process = post_process
+        self.input_tensor = None
         symbols = {s.symbol for s in self.layer_specs}
         specs, configs = layer_specs(m), layer_transformer_configs(tc, m, symbols)
-        self.bf16_positions = precision.bf16_positions(len(self.layer_specs))
+        self.bf16_positions = precision.bf16_positions(tc.num_layers)  # global pattern positions
         self.layers = torch.nn.ModuleList()
-        for spec in self.layer_specs:
+        for spec in self.layer_specs:  # global layer numbers: a layer's name does not depend on its stage
             extra = {"pp_layer_offset": 0} if spec.symbol == "M" else {"add_layer_offset": False}
             self.layers.append(build_module(specs[spec.symbol], config=configs[spec.symbol],
                                             layer_number=spec.index + 1, pg_collection=pg, **extra))
-        self.final_norm = TENorm(config=tc, hidden_size=tc.hidden_size, eps=tc.layernorm_epsilon)
+        if post_process:
+            self.final_norm = TENorm(config=tc, hidden_size=tc.hidden_size, eps=tc.layernorm_epsilon)
+
+    def set_input_tensor(self, input_tensor):
+        self.input_tensor = input_tensor
 
     def forward(self, hidden, rotary_pos_emb=None, packed_seq_params=None):
         tc = self.config
         delayed = tc.fp8 is not None and tc.fp8_recipe == "delayed"
+        if hidden is None:  # a later pipeline stage: the previous stage's output
+            hidden = self.input_tensor
         with get_fp8_context(tc) if delayed else nullcontext():  # delayed scaling: one outer region
-            for i, layer in enumerate(self.layers):
-                with self._quant_context(i, delayed):
+            for spec, layer in zip(self.layer_specs, self.layers):
+                with self._quant_context(spec.index, delayed):
                     if isinstance(layer, TransformerLayer):
                         hidden, _ = layer(hidden_states=hidden, attention_mask=None,
                                           rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
                     else:  # MambaLayer
                         hidden = layer(hidden_states=hidden, attention_mask=None,
                                        packed_seq_params=packed_seq_params)
-        return self.final_norm(hidden)
+        return self.final_norm(hidden) if self.post_process else hidden
 
     def _quant_context(self, i: int, delayed: bool):
         """FP8 per layer (hybrid_block.py's inner context) except at bf16-pinned positions."""
@@ -220,72 +232,98 @@ class Decoder(MegatronModule):
             layer_sd = layer.sharded_state_dict(f"{prefix}layers.{local}.", [], metadata)
             replace_prefix_for_sharding(layer_sd, f"{prefix}layers.{local}.", f"{prefix}layers.{layer.layer_number - 1}.")
             out.update(layer_sd)
-        out.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,
-                                              tp_group=self.tp_group))
+        if self.post_process:
+            out.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
+                                                  metadata, tp_group=self.tp_group))
         return out
 
 
 class MegatronLM(LanguageModule):
     """`model(input_ids [B, T], seq_idx=None)` -> logits `[B, T, V]`; with `labels` -> per-token loss
-    `[B, T]` through Megatron's `compute_language_model_loss`, as stock HybridModel computes it."""
+    `[B, T]` through Megatron's `compute_language_model_loss`, as stock HybridModel computes it.
 
-    def __init__(self, config: Config, precision: Precision):
+    One pipeline stage (`vp_stage` = its virtual chunk under VPP) of the model: the embedding on the
+    first stage, the final norm and output layer on the last; a middle stage returns its hidden states
+    `[T, B, hidden]` (Megatron's schedules move them). Under TP the output layer keeps the vocabulary
+    sharded (the loss is vocab-parallel); returned logits are gathered."""
+
+    def __init__(self, config: Config, precision: Precision, vp_stage: Optional[int] = None):
         m = config.model
         tc = build_transformer_config(config, precision)
         pg = ProcessGroupCollection.use_mpu_process_groups()
         super().__init__(config=tc, pg_collection=pg)
         self.model_config = m
         self.precision = precision
-        # LanguageModule.sharded_state_dict reads these: one pipeline stage; a tied head has no weight
-        # of its own (its checkpoint entry is the embedding's).
-        self.pre_process = self.post_process = True
+        self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
+        vpp = config.parallel.vpp or 1
+        pp_rank, pp = pg.pp.rank(), pg.pp.size()
+        self.pre_process = pp_rank == 0 and (vp_stage or 0) == 0
+        self.post_process = pp_rank == pp - 1 and (vp_stage or 0) == vpp - 1
         self.share_embeddings_and_output_weights = m.tie_embeddings
-        self.embedding = LanguageModelEmbedding(config=tc, vocab_size=m.vocab_size,
-                                                max_sequence_length=m.max_seq_len,
-                                                position_embedding_type="none", tp_group=pg.tp)
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(config=tc, vocab_size=m.vocab_size,
+                                                    max_sequence_length=m.max_seq_len,
+                                                    position_embedding_type="none", tp_group=pg.tp)
         a = m.attention
+        layers = stage_layers(config, pp_rank, pp, vp_stage)
         self.rotary_pos_emb = None
-        if any(s.symbol == "*" for s in resolve_layers(config)) and a.rope_theta > 0:
+        if any(s.symbol == "*" for s in layers) and a.rope_theta > 0:
             self.rotary_pos_emb = RotaryEmbedding(kv_channels=tc.kv_channels, rotary_percent=a.rotary_fraction,
                                                   rotary_base=a.rope_theta, cp_group=pg.cp)
-        self.decoder = Decoder(tc, m, precision, pg)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            tc.hidden_size, m.vocab_size, config=tc, init_method=tc.init_method, bias=False,
-            gather_output=True, skip_weight_param_allocation=m.tie_embeddings, tp_group=pg.tp)
+        self.decoder = Decoder(tc, m, precision, pg, layers, self.post_process)
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                tc.hidden_size, m.vocab_size, config=tc, init_method=tc.init_method, bias=False,
+                gather_output=False, skip_weight_param_allocation=self.pre_process and m.tie_embeddings,
+                tp_group=pg.tp)
+        if self.pre_process or self.post_process:  # tied head on the last stage: a copy kept in sync
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """The previous pipeline stage's output (Megatron's schedules pass a one-element list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
         m = self.model_config
         B, T = input_ids.shape
-        get_moe_metrics_tracker().clear()  # aux_loss() reports this forward only
+        get_moe_metrics_tracker().clear()  # aux_loss() reports this forward (this stage's layers) only
         packed = None
         if seq_idx is not None:  # rows and documents -> one THD row with cu_seqlens
             packed = packed_seq_params(seq_idx)
             input_ids = input_ids.reshape(1, B * T)
             labels = None if labels is None else labels.reshape(1, B * T)
-        hidden = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        if m.embedding_scale != 1.0:
-            hidden = hidden * m.embedding_scale
+        hidden = None
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h] (s / tp under SP)
+            if m.embedding_scale != 1.0:
+                hidden = hidden * m.embedding_scale
         rope = None
-        if self.rotary_pos_emb is not None:
-            rope = self.rotary_pos_emb(hidden.shape[0], packed_seq=packed is not None)
+        if self.rotary_pos_emb is not None:  # the full length, also when SP shards the hidden states
+            rope = self.rotary_pos_emb(input_ids.shape[1], packed_seq=packed is not None)
         hidden = self.decoder(hidden, rope, packed)
-        weight = self.embedding.word_embeddings.weight if m.tie_embeddings else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V]
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if m.tie_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V / tp]
         if m.logit_scale != 1.0:
             logits = logits * m.logit_scale
         if m.logit_softcap:
             logits = m.logit_softcap * torch.tanh(logits / m.logit_softcap)
         if labels is not None:
             return self.compute_language_model_loss(labels, logits).reshape(B, T)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.pg_collection.tp)
         return logits.transpose(0, 1).reshape(B, T, -1)
 
     def aux_loss(self) -> torch.Tensor:
-        """Weighted MoE load-balancing + z-loss of the last forward, *detached*: Megatron already adds
+        """Weighted MoE load-balancing + z-loss of the last forward (of this pipeline stage's layers), *detached*: Megatron already adds
         their gradients in backward (MoEAuxLossAutoScaler), so adding this value to the loss changes
         only the reported number - and the sum equals the reference backend's loss."""
         moe = self.model_config.moe
-        total = torch.zeros((), device=self.embedding.word_embeddings.weight.device)
+        total = torch.zeros((), device=torch.cuda.current_device())
         metrics = get_moe_metrics_tracker().metrics
         for name, coeff in (("load_balancing_loss", moe.aux_loss_coeff), ("z_loss", moe.z_loss_coeff)):
             if name in metrics and coeff:
@@ -309,10 +347,30 @@ def packed_seq_params(seq_idx: torch.Tensor) -> PackedSeqParams:
                            max_seqlen_kv=max_len, seq_idx=doc)
 
 
+def stage_layers(config, pp_rank: int = 0, pp: int = 1, vp_stage: Optional[int] = None) -> list:
+    """The LayerSpecs pipeline rank `pp_rank` (virtual stage `vp_stage`) builds: '|' segments as written
+    or placed by parallel.pp_balance=flops, else equal layer counts (pattern.stage_of: Megatron's
+    `select_pipeline_segment`)."""
+    specs = resolve_layers(config)
+    n_segments = max(s.segment for s in specs) + 1
+    return [s for s in specs if stage_of(s, n_segments, len(specs), pp) == (pp_rank, vp_stage or 0)]
+
+
 def build_megatron_model(config, precision: Optional[Precision] = None) -> MegatronLM:
-    """`Config` -> `MegatronLM` on the current CUDA device (initialises parallel state if needed).
+    """`Config` -> `MegatronLM` on the current CUDA device (initialises parallel state if needed):
+    this rank's pipeline stage, the whole model without PP. Under parallel.vpp a rank holds several
+    chunks: `build_megatron_chunks`.
 
     precision None: bf16 parameters (float32 when `config.train.dtype` is float32), no FP8."""
+    chunks = build_megatron_chunks(config, precision)
+    if len(chunks) > 1:
+        raise ConfigError(f"parallel.vpp={len(chunks)}: a rank holds several model chunks; build them with "
+                          "build_megatron_chunks (megahybrid/megatron/step.py trains them)")
+    return chunks[0]
+
+
+def build_megatron_chunks(config, precision: Optional[Precision] = None) -> list[MegatronLM]:
+    """This rank's model chunks, one per virtual pipeline stage (one without parallel.vpp)."""
     if not isinstance(config, Config):
         from megahybrid import load_config
 
@@ -326,7 +384,9 @@ def build_megatron_model(config, precision: Optional[Precision] = None) -> Megat
     if any(s.symbol == "G" for s in specs):
         ensure_gdn_backward()
     ensure_model_parallel(config.parallel, config.train.seed)
-    return MegatronLM(config, precision)
+    vpp = config.parallel.vpp
+    device = torch.cuda.current_device()  # as Megatron-LM's get_model: a few buffers start on the CPU
+    return [MegatronLM(config, precision, vp_stage=v).cuda(device) for v in (range(vpp) if vpp else [None])]
 
 
 def build_stock_hybrid_model(config, precision: Optional[Precision] = None, fused_loss: bool = False):

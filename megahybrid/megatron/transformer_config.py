@@ -189,12 +189,12 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
                      f"routing); set it to {default} or use backend='reference'")
     p = getattr(config, "parallel", None)
     if p is not None:
-        for name in ("pp", "cp"):
-            if getattr(p, name) != 1:
-                fail(f"parallel.{name}", getattr(p, name), "the megatron backend's model assembly is single-stage "
-                     "and without context parallelism so far; set it to 1")
-        if p.vpp is not None:
-            fail("parallel.vpp", p.vpp, "no pipeline stages yet in the megatron backend; set it to null")
+        if p.tp > 1 and "E" in symbols and not p.sequence_parallel:
+            fail("parallel.sequence_parallel", False, f"Megatron's MoE layer refuses to train under tensor "
+                 f"parallelism (parallel.tp={p.tp}) without sequence parallelism; set it to true")
+        if p.cp != 1:
+            fail("parallel.cp", p.cp, "the megatron backend does not train under context parallelism yet "
+                 "(state passing runs on the reference backend: train.backend=reference); set it to 1")
         if p.recompute == "full":
             fail("parallel.recompute", p.recompute, "full recompute is not wired in the megatron backend; use "
                  "'selective' or 'none'")
@@ -297,6 +297,7 @@ def build_transformer_config(config, precision: Optional[Precision] = None, **ov
     p = getattr(config, "parallel", None)
     if p is not None:
         kwargs.update(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+                      virtual_pipeline_model_parallel_size=p.vpp,
                       expert_model_parallel_size=p.ep, expert_tensor_parallel_size=p.etp or p.tp,
                       context_parallel_size=p.cp, sequence_parallel=p.sequence_parallel)
         if p.recompute == "selective":

@@ -11,6 +11,8 @@ o_t = o_t^local + (read-out of S_in at t). So per slot c (of `num_slots`, in tim
   3. compose: S_in(0) = the sequence's incoming state, S_in(c+1) = F_c(S_in(c)) + L_c (num_slots-1
               small steps, done redundantly on every rank: cheaper than a second collective);
   4. correct: o_t += read-out of S_in(c) at t;  S_out = F_c(S_in(c)) + L_c.
+Step 1 (and the conv) is a `local=` argument: the reference math below by default (`local_delta_rule`,
+`local_ssd`, `local_conv`), flash-linear-attention / mamba_ssm kernels on CUDA (`kernels.py`).
 
 The incoming state of the whole sequence rides in the same all-gather (zeros on every slot but the
 first). Besides saving a message, that makes every rank's outputs depend on the gathered tensor, so
@@ -67,7 +69,8 @@ Why not FLA's CP ops here: `fla.ops.cp` (summaries `chunk_cp_fwd_h`, merge `chun
 halos `fla.modules.causal_conv1d.cp`) are Triton kernels that refuse non-CUDA devices
 (`_check_cp_device`), cover the delta-rule family only (no SSD, no RG-LRU), take packed `[1, T]`
 varlen batches and assert no incoming state. This file is the float64 oracle a fast path is tested
-against, on any device and in one process (`SimulatedCP`).
+against, on any device and in one process (`SimulatedCP`); kernels.py says why the kernel path does
+not use them either.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ import torch
 from megahybrid.mixers.base import run_per_document
 from megahybrid.mixers.common import ShortConv, l2norm
 from megahybrid.mixers.delta_rule import chunked_delta_rule
-from megahybrid.mixers.mamba2 import chunked_ssd, expand_groups
+from megahybrid.mixers.mamba2 import chunked_ssd
 from megahybrid.mixers.rglru import rglru_coefficients, scan_linear_recurrence
 from megahybrid.parallel.group import CPGroup
 
@@ -175,12 +178,19 @@ def incoming_states(apply_map: Callable[[int, torch.Tensor], torch.Tensor], loca
     return torch.stack(states)
 
 
+def local_conv(conv: ShortConv, x: torch.Tensor, halo: torch.Tensor, docs: Optional[SlotDocuments] = None):
+    """The reference local conv step: `conv` over rows `x` [rows, S, C] from `halo` [rows, K-1, C],
+    restarting from zeros at every document start of `docs` -> (y, each row's end conv state)."""
+    return conv(x, halo) if docs is None else run_slot_documents(conv, [x], docs, halo)
+
+
 def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor, Optional[torch.Tensor]]],
-                   docs: Optional[SlotDocuments] = None):
+                   docs: Optional[SlotDocuments] = None, local: Callable = local_conv):
     """`[(conv, x rows [rows, S, C], incoming conv state [B, K-1, C] or None), ...]` -> `[(y, end
     conv state), ...]`: each slot's conv starts from the previous slot's last K-1 inputs (the first
     slot from the given state). All tails travel in one all-gather. With `docs` the halo keeps only
-    tokens of the document the slot starts in, and the conv restarts at every document start."""
+    tokens of the document the slot starts in, and the conv restarts at every document start.
+    `local` runs the conv (`local_conv`'s contract; megahybrid/parallel/kernels.py passes a kernel)."""
     tails, firsts, halo_of = [], [], []
     for conv, x, state in convs:
         k1 = conv.kernel - 1
@@ -201,21 +211,37 @@ def conv_with_halo(comm: CPGroup, convs: Sequence[tuple[ShortConv, torch.Tensor,
             continue
         tail_all, first_all = gathered[i], gathered[len(tails) + i]
         halo = comm.own(torch.cat([first_all[:1], tail_all[:-1]]))  # slot c reads slot c-1's tail
-        if docs is None:
-            out.append(conv(x, halo))
-            continue
-        keep = docs.halo_keep[:, docs.halo_keep.shape[1] - halo.shape[1]:, None]
-        halo = torch.where(keep, halo, torch.zeros_like(halo))
-        out.append(run_slot_documents(conv, [x], docs, halo))
+        if docs is not None:
+            keep = docs.halo_keep[:, docs.halo_keep.shape[1] - halo.shape[1]:, None]
+            halo = torch.where(keep, halo, torch.zeros_like(halo))
+        out.append(local(conv, x, halo, docs))
     return out
 
 
+def local_delta_rule(q, k, v, beta, g=None, initial_state=None, chunk_size: int = 64, scale=None,
+                     docs: Optional[SlotDocuments] = None):
+    """The reference local pass of `delta_rule_cp`: `chunked_delta_rule` over slot rows (shapes as in
+    `delta_rule_cp`) from `initial_state` [rows, H, dk, dv'] (None = zeros); with `docs` every document
+    piece after a row's first runs from zeros. -> (o [rows, S, H, dv'], each row's end state, i.e. the
+    end state of its last document). A kernel replacing it keeps this contract (parallel/kernels.py)."""
+    if docs is None:
+        return chunked_delta_rule(q, k, v, beta, g, chunk_size=chunk_size, initial_state=initial_state, scale=scale)
+
+    def piece(q, k, v, beta, *gate_and_state):
+        *gate, s = gate_and_state
+        return chunked_delta_rule(q, k, v, beta, *(gate or [None]), chunk_size=chunk_size, initial_state=s,
+                                  scale=scale)
+    return run_slot_documents(piece, [q, k, v, beta] + ([] if g is None else [g]), docs, initial_state)
+
+
 def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chunk_size: int = 64, scale=None,
-                  docs: Optional[SlotDocuments] = None):
+                  docs: Optional[SlotDocuments] = None, local: Callable = local_delta_rule):
     """`chunked_delta_rule` under CP: q, k [rows, S, H, dk], v [rows, S, H, dv], beta, g [rows, S, H]
     are this rank's slots (as rows); `initial_state` [B, H, dk, dv] is the sequence's (used on its first
-    slot; None = zeros); `docs` the packed documents (None: one document). Returns (o [rows, S, H, dv],
-    state at the end of each slot [rows, H, dk, dv])."""
+    slot; None = zeros); `docs` the packed documents (None: one document); `local` the local pass
+    (`local_delta_rule`'s contract). Returns (o [rows, S, H, dv] in o_local's dtype, state at the end of
+    each slot [rows, H, dk, dv]). The summaries, the composition and the correction run in the dtype of
+    the local end state (float32 from the kernels, float64 in the reference tests)."""
     rows, S, H, dk = q.shape
     dv = v.shape[-1]
     # 1. Local pass on [v | 0] from [0 | I]: o' = [o_local | q~], end state [L | M] (module docstring).
@@ -224,15 +250,8 @@ def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chun
     if docs is not None:  # a slot whose token 0 starts a document reads nothing of the incoming state
         eye = eye * (~docs.starts[:, 0]).to(v.dtype)[:, None, None, None]
     s0_aug = torch.cat([v.new_zeros(rows, H, dk, dv), eye], dim=-1)
-    if docs is None:
-        o_aug, s_aug = chunked_delta_rule(q, k, v_aug, beta, g, chunk_size=chunk_size, initial_state=s0_aug,
-                                          scale=scale)
-    else:  # later documents start from [0 | 0]: q~ = 0 after the first start, M = 0 if there is one
-        def local(q, k, v, beta, *gate, s):
-            return chunked_delta_rule(q, k, v, beta, *(gate or [None]), chunk_size=chunk_size, initial_state=s,
-                                      scale=scale)
-        o_aug, s_aug = run_slot_documents(lambda *t: local(*t[:-1], s=t[-1]),
-                                          [q, k, v_aug, beta] + ([] if g is None else [g]), docs, s0_aug)
+    # With docs, later documents start from [0 | 0]: q~ = 0 after the first start, M = 0 if there is one.
+    o_aug, s_aug = local(q, k, v_aug, beta, g, initial_state=s0_aug, chunk_size=chunk_size, scale=scale, docs=docs)
     o_local, q_tilde = o_aug.split([dv, dk], dim=-1)
     local_end, M = s_aug.split([dv, dk], dim=-1)
     # 2.-3. Gather (L, M) of every slot with the sequence's incoming state; compose.
@@ -240,8 +259,9 @@ def delta_rule_cp(comm: CPGroup, q, k, v, beta, g=None, initial_state=None, chun
     L_all, M_all, first_all = exchange(comm, [local_end, M, first])
     s_in = comm.own(incoming_states(lambda c, s: M_all[c] @ s, L_all, first_all[0]))
     # 4. Correct: o_t += S_in^T q~_t; the slot's true end state.
-    o = o_local + torch.einsum("bthk,bhkv->bthv", q_tilde.to(s_in.dtype), s_in).to(o_local.dtype)
-    return o, M @ s_in + local_end
+    work = s_in.dtype
+    o = o_local.to(work) + torch.einsum("bthk,bhkv->bthv", q_tilde.to(work), s_in)
+    return o.to(o_local.dtype), M @ s_in + local_end
 
 
 def delta_rule_heads_cp(comm: CPGroup, q, k, v, beta, g, state, chunk_size: int,
@@ -255,17 +275,25 @@ def delta_rule_heads_cp(comm: CPGroup, q, k, v, beta, g, state, chunk_size: int,
                              initial_state=h0, chunk_size=chunk_size, docs=docs)
 
 
-def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64,
-           docs: Optional[SlotDocuments] = None):
-    """`chunked_ssd` under CP: x [rows, S, h, p], dt [rows, S, h], B, C [rows, S, g, n] are this
-    rank's slots; `initial_state` [B, h, p, n] the sequence's; `docs` the packed documents (None: one).
-    Returns (y, state at each slot's end)."""
+def local_ssd(x, dt, A, B, C, D=None, chunk_size: int = 64, docs: Optional[SlotDocuments] = None):
+    """The reference local pass of `ssd_cp`: `chunked_ssd` over slot rows from a zero state, restarting
+    at every document start of `docs` -> (y, each row's end state, i.e. its last document's). A kernel
+    replacing it keeps this contract (parallel/kernels.py)."""
     if docs is None:
-        y_local, local_end = chunked_ssd(x, dt, A, B, C, D, None, chunk_size)
-    else:
-        y_local, local_end = run_slot_documents(lambda x, dt, B, C, s: chunked_ssd(x, dt, A, B, C, D, s, chunk_size),
-                                                [x, dt, B, C], docs)
-    cum = (dt * A).cumsum(dim=1)  # [rows, S, h] log-decay from the slot's start, <= 0
+        return chunked_ssd(x, dt, A, B, C, D, None, chunk_size)
+    return run_slot_documents(lambda x, dt, B, C, s: chunked_ssd(x, dt, A, B, C, D, s, chunk_size),
+                              [x, dt, B, C], docs)
+
+
+def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64,
+           docs: Optional[SlotDocuments] = None, local: Callable = local_ssd):
+    """`chunked_ssd` under CP: x [rows, S, h, p], dt [rows, S, h], B, C [rows, S, g, n] are this
+    rank's slots; `initial_state` [B, h, p, n] the sequence's; `docs` the packed documents (None: one);
+    `local` the local pass (`local_ssd`'s contract). Returns (y in y_local's dtype, state at each slot's
+    end). The decays, summaries and correction run in the dtype of the local end state."""
+    y_local, local_end = local(x, dt, A, B, C, D, chunk_size=chunk_size, docs=docs)
+    work = local_end.dtype
+    cum = (dt.to(work) * A.to(work)).cumsum(dim=1)  # [rows, S, h] log-decay from the slot's start, <= 0
     weight = cum.exp()  # how much of the incoming state each position reads
     if docs is not None:  # nothing after the slot's first document start
         weight = torch.where(docs.reads_incoming[..., None], weight, torch.zeros_like(weight))
@@ -273,9 +301,11 @@ def ssd_cp(comm: CPGroup, x, dt, A, B, C, D=None, initial_state=None, chunk_size
     first = comm.first_slot(initial_state, like=local_end)
     L_all, M_all, first_all = exchange(comm, [local_end, decay, first])
     s_in = comm.own(incoming_states(lambda c, s: M_all[c][..., None, None] * s, L_all, first_all[0]))
-    Ch = expand_groups(C, x.shape[2])
-    y = y_local + weight[..., None] * torch.einsum("bhpn,bthn->bthp", s_in, Ch)
-    return y, decay[..., None, None] * s_in + local_end
+    # y_t += weight_t S_in C_t, head h reading group h // (h/g) (as `expand_groups`, without expanding C).
+    G = C.shape[2]
+    read = torch.einsum("bgjpn,btgn->btgjp", s_in.unflatten(1, (G, -1)), C.to(work)).flatten(2, 3)
+    y = y_local.to(work) + weight[..., None] * read
+    return y.to(y_local.dtype), decay[..., None, None] * s_in + local_end
 
 
 def rglru_cp(comm: CPGroup, x, gate_x, gate_a, recurrent_param, c: float, h0=None,
