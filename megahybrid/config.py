@@ -30,6 +30,26 @@ def fail(path: str, value: Any, rule: str) -> typing.NoReturn:
 
 
 @dataclass
+class AttentionSparsityConfig:
+    """Block-sparse attention for layers built from `Attention` (`*`, its branch in `p`, the block of `s`):
+    kind "local_global" is the BigBird / Longformer pattern (arXiv 2007.14062, 2004.05150) on causal
+    blocks. The sequence is cut into blocks of `block_size` tokens; a query in block b sees, causally,
+    the keys of blocks b - local_blocks .. b and of the first `global_blocks` blocks. Only those blocks
+    are computed (mixers/attention.py `block_sparse_attention`), so the cost per query is at most
+    (local_blocks + 1 + global_blocks) * block_size keys instead of the whole prefix. `w` (sliding
+    window), `h` and `f` keep their own masks and ignore it; `D` (DSA) refuses it."""
+
+    kind: Literal["none", "local_global"] = "none"
+    """none = dense causal attention; local_global = the block pattern above."""
+    block_size: int = 64
+    """Tokens per block (keys and queries); the KV cache keeps every token (global blocks stay visible)."""
+    local_blocks: int = 1
+    """Blocks before a query's own block that it also sees (its own block is always seen)."""
+    global_blocks: int = 1
+    """The first global_blocks blocks of the sequence (document), seen by every later query (attention sinks)."""
+
+
+@dataclass
 class AttentionConfig:
     """Softmax attention (`*`), sliding-window attention (`w`) and the attention half of
     shared (`s`) and parallel (`h`) blocks."""
@@ -59,6 +79,8 @@ class AttentionConfig:
     """Bias on o_proj alone; None = same as `bias` (RecurrentGemma: q/k/v without, o_proj with)."""
     softmax_scale: Optional[float] = None
     """Score scale; None = head_dim ** -0.5."""
+    sparsity: AttentionSparsityConfig = field(default_factory=AttentionSparsityConfig)
+    """Block-sparse local + global pattern of `*` layers (off by default)."""
 
 
 @dataclass
@@ -278,8 +300,9 @@ class GRUConfig:
 
 @dataclass
 class RWKV7Config:
-    """RWKV-7 "Goose" time mixing (`k`), Peng et al. 2025 (arXiv 2503.14456), as flash-linear-attention's
-    `RWKV7Attention`. Key width = hidden_size; low-rank widths None = FLA's formulas."""
+    """RWKV-7 "Goose" time mixing (`k`) and channel mixing (`c`), Peng et al. 2025 (arXiv 2503.14456), as
+    flash-linear-attention's `RWKV7Attention` and `RWKV7FeedForward`. Key width = hidden_size; low-rank
+    widths None = FLA's formulas."""
 
     head_dim: int = 64
     """Key (and receptance) channels per head; num_heads = hidden_size / head_dim."""
@@ -295,6 +318,15 @@ class RWKV7Config:
     """The per-head GroupNorm on the output uses eps = head_dim * norm_eps (FLA, official RWKV-7)."""
     chunk_size: int = 16
     """Chunk length of the chunked reference form; its memory grows as chunk_size * head_dim per token."""
+    value_residual: bool = True
+    """RWKV-7's value residual: every `k` layer after the model's first mixes its v towards the first `k`
+    layer's v, v = lerp(v, v_first, sigmoid(v_lora(x^v))) (FLA's v_first). false: every `k` layer is FLA's
+    layer-0 form (no v_lora), as megahybrid built it before (checkpoints saved then load with false)."""
+    v_low_rank_dim: Optional[int] = None
+    """Rank of v_lora (value residual); None = max(32, round(1.7 sqrt(hidden) * head_dim/64 / 32) * 32) (FLA)."""
+    ffn_hidden_size: Optional[int] = None
+    """Width of RWKV-7's channel mixing (`c`, mixers/rwkv7_ffn.py); None = 4 * hidden_size rounded up to a
+    multiple of 32 (FLA's RWKV7FeedForward with hidden_ratio 4)."""
 
 
 @dataclass
@@ -357,6 +389,34 @@ class GoldFinchConfig:
     token_cat: bool = True
     """TokenCat: keys and values read concat(c, token embedding) instead of c alone (the paper keeps
     the token ids in the cache and re-embeds them)."""
+
+
+@dataclass
+class DSAConfig:
+    """DeepSeek Sparse Attention (`D`), DeepSeek-V3.2-Exp (github.com/deepseek-ai/DeepSeek-V3.2-Exp): a
+    lightning indexer scores every past key per query and the main heads attend to only the top_k best
+    (mixers/sparse_attention.py). The main heads are `*`'s (sizes, RoPE, QK-norm, gate from `attention`;
+    DeepSeek uses MLA underneath). Names follow Megatron-Core 0.19.2's `dsa_indexer_*` fields."""
+
+    index_heads: int = 4
+    """Indexer heads H_I (Megatron `dsa_indexer_n_heads`; DeepSeek-V3.2: 64)."""
+    index_head_dim: int = 32
+    """Width D_I of each indexer query head and of the one shared indexer key (`dsa_indexer_head_dim`; 128)."""
+    top_k: int = 256
+    """Keys each query attends to (`dsa_indexer_topk`; DeepSeek-V3.2: 2048). A query with at most top_k keys
+    before it (itself included) sees all of them; top_k >= seq_len is dense attention (the warm-up stage)."""
+    index_rope_dim: Optional[int] = None
+    """Leading channels of each indexer head rotated by RoPE (`attention.rope_theta`, half-split layout;
+    Megatron's `qk_pos_emb_head_dim`, DeepSeek 64 of 128); None = index_head_dim // 2; 0 = no RoPE."""
+    scoring_relu: bool = True
+    """ReLU on the indexer's q.k before the per-head weights (`dsa_indexer_scoring_relu`; GLM-5 turns it off)."""
+    loss_coeff: float = 0.01
+    """Weight of the indexer's KL loss to the main heads' attention distribution (`dsa_indexer_loss_coeff`),
+    reported as the layer's aux_loss. The indexer's input is detached, so this loss is its only training
+    signal and the LM loss never reaches it; 0 leaves the indexer at its initialisation."""
+    sparse_loss: bool = False
+    """KL over the selected keys only (`dsa_indexer_use_sparse_loss`, DeepSeek's sparse stage) instead of
+    over every causal key (its dense warm-up)."""
 
 
 @dataclass
@@ -532,6 +592,7 @@ class ModelConfig:
     hyena: HyenaConfig = field(default_factory=HyenaConfig)
     based: BasedConfig = field(default_factory=BasedConfig)
     goldfinch: GoldFinchConfig = field(default_factory=GoldFinchConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
     modr: MoDrConfig = field(default_factory=MoDrConfig)
     hyper_connections: HyperConnectionsConfig = field(default_factory=HyperConnectionsConfig)
@@ -569,6 +630,15 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (Megatron backend). selective: Megatron's per-module recompute inside layers
+    (`recompute_modules`); full: a layer keeps only its input and reruns its forward in backward - every
+    layer, or only those whose pattern symbol is in `recompute_symbols`."""
+    recompute_modules: Optional[list[str]] = None
+    """selective: Megatron's module names (core_attn, mlp, moe, moe_act, shared_experts, layernorm);
+    None = ["core_attn"] (Megatron's default: the attention score part)."""
+    recompute_symbols: Optional[str] = None
+    """full: recompute only layers with these pattern symbols, e.g. "ME" (Mamba and MoE layers, whose
+    activations are largest) - None = every layer."""
 
 
 @dataclass
@@ -832,3 +902,8 @@ def validate(config: Config) -> None:
              f"holds an equal piece of the sequence); use {-(-t.seq_len // slots) * slots} or change parallel.cp")
     if p.sequence_parallel and p.tp == 1:
         fail("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false or raise tp")
+    if p.cp > 1 and m.attention.sparsity.kind != "none" and any(
+            s.symbol == pattern.ATTENTION for s in pattern.resolve_layers(config)):
+        # megahybrid/parallel/attention.py all-gathers keys and applies the dense causal mask.
+        fail("model.attention.sparsity.kind", m.attention.sparsity.kind, f"block-sparse attention has no "
+             f"context-parallel form (parallel.cp={p.cp}); set it to 'none' or parallel.cp=1")

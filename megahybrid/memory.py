@@ -107,6 +107,8 @@ class Layout:
     sp: bool = False
     distopt: bool = False
     recompute: str = "none"
+    recompute_symbols: Optional[str] = None
+    """recompute=full only for layers with these pattern symbols (None: all)."""
     micro_batch: int = 1
     seq_len: int = 2048
     global_batch: int = 1
@@ -115,7 +117,8 @@ class Layout:
     def from_config(cls, config, dp: int = 1) -> "Layout":
         p, t = config.parallel, config.train
         return cls(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, cp=p.cp, dp=dp, sp=p.sequence_parallel,
-                   distopt=p.distributed_optimizer, recompute=p.recompute, micro_batch=t.micro_batch_size,
+                   distopt=p.distributed_optimizer, recompute=p.recompute,
+                   recompute_symbols=p.recompute_symbols, micro_batch=t.micro_batch_size,
                    seq_len=t.seq_len, global_batch=t.global_batch_size)
 
     @property
@@ -400,7 +403,8 @@ def _with_layout(config, layout: Layout):
     """`config` with its parallel section set from `layout` (for the TP rules that read it)."""
     p = dataclasses.replace(config.parallel, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep,
                             etp=layout.etp, cp=layout.cp, sequence_parallel=layout.sp,
-                            distributed_optimizer=layout.distopt, recompute=layout.recompute)
+                            distributed_optimizer=layout.distopt, recompute=layout.recompute,
+                            recompute_symbols=layout.recompute_symbols)
     return dataclasses.replace(config, parallel=p)
 
 
@@ -427,7 +431,8 @@ def memory_model(config, layout: Layout, assumptions: Assumptions = Assumptions(
     model = _meta_model(config)
     chunks = L.vpp or 1
     ranks = [{"rank": r, "layers": [], "dense_params": 0, "expert_params": 0, "flops_per_token": 0.0,
-              "core_flops_per_token": 0.0, "chunk_bytes": [0.0] * chunks, "full_working_bytes": 0.0,
+              "core_flops_per_token": 0.0, "recomputed_flops_per_token": 0.0,
+              "chunk_bytes": [0.0] * chunks, "full_working_bytes": 0.0,
               "unestimated": set(), "seen": set()} for r in range(L.pp)]
     per_type, unruled = {}, set()
     for block in model.layers:
@@ -446,15 +451,21 @@ def memory_model(config, layout: Layout, assumptions: Assumptions = Assumptions(
                 R["seen"].add(id(p))
                 n, is_expert = shards[name]
                 R["expert_params" if is_expert else "dense_params"] += n
-        R["flops_per_token"] += layer_flops_per_token(config, spec, L.seq_len)
+        mode = L.recompute  # full recompute may cover only some symbols (parallel.recompute_symbols)
+        if mode == "full" and L.recompute_symbols is not None and spec.symbol not in L.recompute_symbols:
+            mode = "none"
+        layer_flops = layer_flops_per_token(config, spec, L.seq_len)
+        R["flops_per_token"] += layer_flops
         R["core_flops_per_token"] += _core_flops(config, spec, L.seq_len)
+        R["recomputed_flops_per_token"] += layer_flops if mode == "full" else 0.0
         act = block_activation_bytes(config, spec, L, assumptions)
         if act is None:
             R["unestimated"].add(spec.name)
             continue
         per_type.setdefault(spec.name, act)
-        R["chunk_bytes"][virtual] += act[L.recompute]
-        R["full_working_bytes"] = max(R["full_working_bytes"], act["none"])
+        R["chunk_bytes"][virtual] += act[mode]
+        if mode == "full":
+            R["full_working_bytes"] = max(R["full_working_bytes"], act["none"])
     first_extra, last_extra = edge_activation_bytes(config, L, assumptions)
     embed = m.vocab_size // L.tp * m.hidden_size
     ranks[0]["dense_params"] += embed
@@ -475,10 +486,10 @@ def memory_model(config, layout: Layout, assumptions: Assumptions = Assumptions(
         opt_expert = ADAM_BYTES * expert / (L.expert_dp if L.distopt else 1)
         order = schedule_order(L.pp, R["rank"], L.vpp if L.pp > 1 else None, L.microbatches)
         peak, alive = peak_in_flight(order, R["chunk_bytes"])
-        working = R["full_working_bytes"] if L.recompute == "full" else 0.0
+        working = R["full_working_bytes"]  # one recomputed block's activations during its backward
         activations = peak + working
         fwd = R["flops_per_token"]
-        extra = {"none": 0.0, "selective": R["core_flops_per_token"], "full": fwd}[L.recompute]
+        extra = {"none": 0.0, "selective": R["core_flops_per_token"], "full": R["recomputed_flops_per_token"]}[L.recompute]
         share = tokens_per_step / (L.dp * L.cp * L.tp)
         out_ranks.append({
             "rank": R["rank"], "layers": R["layers"], "params": params, "dense_params": dense,

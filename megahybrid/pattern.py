@@ -213,7 +213,8 @@ def _channel_symbol(name: str, value) -> str:
         return ""
     ch = by_name(value)
     if ch is None or ch.kind != "channel":
-        fail(f"model.{name}", value, "must be '-' (mlp), 'E' (moe) or null")
+        channels = ", ".join(f"{t.symbol!r} ({t.name})" for t in REGISTRY.values() if t.kind == "channel")
+        fail(f"model.{name}", value, f"must be a channel layer: {channels}; or null")
     return ch.symbol
 
 

@@ -100,15 +100,14 @@ def gdn() -> dict:
                   mlp={"ffn_hidden_size": 5632})
 
 
-@preset("rwkv7", tiny=_tiny("(k-)x2", norm="layernorm", rwkv7={"head_dim": 16},
-                            mlp={"activation": "relu2", "ffn_hidden_size": 256}))
+@preset("rwkv7", tiny=_tiny("(kc)x2", norm="layernorm", rwkv7={"head_dim": 16}))
 def rwkv7() -> dict:
-    """RWKV-7 "Goose" 1.5B layout (Peng et al. 2025, arXiv 2503.14456): 24 x (time mixing, channel
-    mixing), width 2048, head size 64, LayerNorm, vocab 65536. Approximated: channel mixing is a
-    squared-ReLU MLP of width 4 x hidden without RWKV's token shift, no value residual (v_first),
-    no extra LayerNorm after the embedding (ln0); LoRA ranks are FLA's defaults (mixers/rwkv7.py)."""
-    return _model(pattern="(k-)x24", hidden_size=2048, vocab_size=65536, norm="layernorm",
-                  rwkv7={"head_dim": 64}, mlp={"ffn_hidden_size": 8192, "activation": "relu2"})
+    """RWKV-7 "Goose" 1.5B layout (Peng et al. 2025, arXiv 2503.14456): 24 x (time mixing `k` with the
+    value residual, channel mixing `c`: token-shift squared-ReLU FFN of width 4 x hidden), width 2048, head
+    size 64, LayerNorm, vocab 65536; FLA's RWKV7 layers (mixers/rwkv7.py, mixers/rwkv7_ffn.py). Approximated:
+    no extra LayerNorm after the embedding (ln0); LoRA ranks are FLA's layer defaults."""
+    return _model(pattern="(kc)x24", hidden_size=2048, vocab_size=65536, norm="layernorm",
+                  rwkv7={"head_dim": 64})
 
 
 @preset("mingru", tiny=_tiny("(u-)x2", gru={"expand": 1.5, "conv_kernel": 3}))
@@ -260,17 +259,20 @@ def based() -> dict:
 
 # ---------------------------------------------------------------------------- GoldFinch
 
-@preset("goldfinch", tiny=_tiny("k-k-f-", norm="layernorm", rwkv7={"head_dim": 16}, goldfinch={"compressed_dim": 4},
+@preset("goldfinch", tiny=_tiny("k-k-f-", norm="layernorm", rwkv7={"head_dim": 16, "value_residual": False},
+                                goldfinch={"compressed_dim": 4},
                                 mlp={"activation": "relu2", "ffn_hidden_size": 256}))
 def goldfinch() -> dict:
     """GoldFinch (Goldstein et al. 2024, arXiv 2407.12077): recurrent layers for the first 2/3 of the
     depth, then full-attention GOLD layers (`f`) whose keys and values all come from one compressed cache
     (hidden/16 per token, plus the token embedding: TokenCat), each layer followed by an MLP; 24 layers,
-    width 2048. Approximated: the recurrent layers are RWKV-7 (`k`) rather than the paper's Finch-C2
-    (RWKV-6 based; megahybrid has no RWKV-6), channel mixing is a squared-ReLU MLP as in the rwkv7
-    preset, and the GOLD decompression is one linear map per layer (mixers/goldfinch.py)."""
+    width 2048. Approximated: the recurrent layers are RWKV-7 (`k`, without RWKV-7's value residual, which
+    Finch has not) rather than the paper's Finch-C2 (RWKV-6 based; megahybrid has no RWKV-6), channel
+    mixing is a squared-ReLU MLP without the token shift, and the GOLD decompression is one linear map per
+    layer (mixers/goldfinch.py)."""
     return _model(pattern="(k-)x16 (f-)x8", hidden_size=2048, vocab_size=65536, norm="layernorm",
-                  attention={"num_heads": 32}, rwkv7={"head_dim": 64}, goldfinch={"token_cat": True},
+                  attention={"num_heads": 32}, rwkv7={"head_dim": 64, "value_residual": False},
+                  goldfinch={"token_cat": True},
                   mlp={"ffn_hidden_size": 8192, "activation": "relu2"})
 
 
@@ -300,8 +302,9 @@ def edifice_gru() -> dict:
 
 @preset("edifice_rwkv", tiny={**_EDIFICE_TINY, "rwkv7": {"head_dim": 16}})
 def edifice_rwkv() -> dict:
-    """Edifice Hybrid over an RWKV backbone (`backbone: :rwkv`), here RWKV-7 time mixing with 4 heads of 64."""
-    return _edifice("rwkv7", rwkv7={"head_dim": 64})
+    """Edifice Hybrid over an RWKV backbone (`backbone: :rwkv`), here RWKV-7 time mixing with 4 heads of 64,
+    without RWKV-7's value residual (Edifice's RWKV block has none)."""
+    return _edifice("rwkv7", rwkv7={"head_dim": 64, "value_residual": False})
 
 
 @preset("edifice_deltanet", tiny=_EDIFICE_TINY)

@@ -6,7 +6,8 @@ undefined and says nothing about dense MLPs or several of megahybrid's mixers; t
 - C: long-convolution mixers (`y` Hyena) and any future block whose only token mixing is a short
   causal conv. Short convs inside other mixers (Mamba, GDN) do not make those blocks C.
 - `-` dense MLP: E with branch "dense". E is the channel-mixing (FFN) slot of a block; a dense MLP is
-  its one-expert, always-on case, next to `E`'s "routed" branch.
+  its one-expert, always-on case, next to `E`'s "routed" branch. `c` (RWKV-7 channel mixing) is a dense
+  FFN too, whose input also mixes in the previous token: E, "dense: token shift".
 - `k` RWKV-7: D, its state update is a generalised delta rule (arXiv 2503.14456), not a plain gated
   recurrence.
 - `b` Based: R, Taylor linear attention keeps a fixed-size recurrent state (no softmax over keys).
@@ -14,7 +15,8 @@ undefined and says nothing about dense MLPs or several of megahybrid's mixers; t
 - `p` parallel mixers: the labels of its branches joined with "|", e.g. "A|M" (Falcon-H1), when the
   config is given; "?" without it.
 - `o` MoDr: R (one shared core reapplied in depth), whatever its core.
-A-branches: "dense" (full softmax attention), "sparse: ..." (which keys each query sees is limited),
+A-branches: "dense" (full softmax attention), "sparse: ..." (which keys each query sees is limited:
+`w`'s window, `D`'s top-k indexer, and `*` itself when `attention.sparsity` is on, given the config),
 "engram" (`n`, Engram conditional memory, arXiv 2601.07372: MegaCpp builds it as an A-block branch).
 Plug-in or unknown symbols are labelled "?" (never an error).
 """
@@ -44,6 +46,7 @@ TAXONOMY: dict[str, tuple[str, str]] = {
     # E: channel mixing
     "E": ("E", "routed"),
     "-": ("E", "dense"),
+    "c": ("E", "dense: token shift (RWKV-7)"),
     # R: other recurrences
     "r": ("R", "RG-LRU"),
     "u": ("R", "minGRU"),
@@ -59,6 +62,14 @@ def block_label(symbol: str, config=None) -> tuple[str, str]:
     """(label, branch) of a layer symbol; "?" for unknown or plug-in symbols."""
     if symbol == "p":
         return _parallel_label(config)
+    if symbol == "D" and config is not None:
+        d = getattr(config, "model", config).dsa
+        return "A", f"sparse: top-k indexer (DSA, top_k {d.top_k}, {d.index_heads} index heads)"
+    if symbol == "*" and config is not None:
+        sp = getattr(config, "model", config).attention.sparsity
+        if sp.kind == "local_global":
+            return "A", (f"sparse: local + global blocks (block_size {sp.block_size}, {sp.local_blocks} local, "
+                         f"{sp.global_blocks} global)")
     if symbol == "o" and config is not None:
         core = getattr(getattr(config, "model", config), "modr", None)
         if core is not None:

@@ -102,3 +102,7 @@ def check_mixture_of_depths(m, specs) -> None:
         if lt.kind != "channel":
             fail("model.mod.layers", mod.layers, f"block {i} is {lt.symbol!r} ({lt.name}), a sequence mixer: gathering "
                  "tokens would change its recurrence or positions; route only channel blocks ('-', 'E')")
+        if not lt.cls().token_wise:
+            fail("model.mod.layers", mod.layers, f"block {i} is {lt.symbol!r} ({lt.name}), a channel layer that reads "
+                 "the previous token (token shift): gathering tokens would change which token that is; route only "
+                 "per-token channel blocks ('-', 'E')")

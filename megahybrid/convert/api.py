@@ -47,6 +47,10 @@ def from_hf(path: Path):
 
 def to_hf(path: Path, config, state: dict, model_type: str) -> None:
     arch = get(model_type)
+    sparsity = config.model.attention.sparsity.kind
+    if sparsity != "none":  # no converted architecture has block-sparse attention; a dense export would differ
+        raise ConversionError(f"attention.sparsity.kind={sparsity!r}: {arch.model_type} has dense attention only; "
+                              "convert a model with sparsity 'none'")
     hf_config = arch.config_to_hf(config.model)
     hf_config.setdefault("model_type", arch.model_type)
     hf_config.setdefault("architectures", [arch.hf_class.rpartition(":")[2]])

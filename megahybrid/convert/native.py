@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from megahybrid.convert.base import ConversionError
 from megahybrid.convert.hf_io import save_tensors
-from megahybrid.train.checkpoint import CONFIG, MODEL, config_yaml, find_latest
+from megahybrid.train.checkpoint import CONFIG, MODEL, config_yaml, find_latest, read_config
 
 SOURCE = "source.json"
 
@@ -39,10 +38,8 @@ def resolve(path: Path) -> Path:
 
 def read(path: Path):
     """(Config, state dict, source dict) of a native checkpoint; tied weights appear under both names."""
-    import megahybrid
-
     path = resolve(Path(path))
-    config = megahybrid.load_config(yaml.safe_load((path / CONFIG).read_text()))
+    config = read_config(path)
     tensors = load_file(path / MODEL)
     source = json.loads((path / SOURCE).read_text()) if (path / SOURCE).is_file() else {}
     return config, tensors, source

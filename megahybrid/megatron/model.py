@@ -165,12 +165,21 @@ def layer_transformer_configs(tc, m, symbols) -> dict:
 # ------------------------------------------------------------------------------------ model
 
 
+def _run_layer(layer, hidden, rotary_pos_emb=None, packed_seq_params=None):
+    """One Megatron layer: TransformerLayer returns (hidden, context), MambaLayer the hidden states."""
+    if isinstance(layer, TransformerLayer):
+        return layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb,
+                     packed_seq_params=packed_seq_params)[0]
+    return layer(hidden_states=hidden, attention_mask=None, packed_seq_params=packed_seq_params)
+
+
 class Decoder(MegatronModule):
     """Our HybridStack: one layer per pattern symbol of this pipeline stage (`layers`), then the final
     norm on the last stage; FP8 contexts per layer. On a stage after the first, the input comes from
     the previous stage through `set_input_tensor` (Megatron's schedules call it)."""
 
-    def __init__(self, tc, m, precision: Precision, pg, layers, post_process: bool = True):
+    def __init__(self, tc, m, precision: Precision, pg, layers, post_process: bool = True,
+                 recompute: str = "none", recompute_symbols: Optional[str] = None):
         super().__init__(config=tc)
         self.tp_group = pg.tp
         self.layer_specs = list(layers)
@@ -186,24 +195,28 @@ class Decoder(MegatronModule):
                                             layer_number=spec.index + 1, pg_collection=pg, **extra))
         if post_process:
             self.final_norm = TENorm(config=tc, hidden_size=tc.hidden_size, eps=tc.layernorm_epsilon)
+        self.recompute_symbols = set()  # parallel.recompute=full: these layers rerun their forward in backward
+        if recompute == "full":
+            self.recompute_symbols = set(recompute_symbols or symbols)
 
     def set_input_tensor(self, input_tensor):
         self.input_tensor = input_tensor
 
     def forward(self, hidden, rotary_pos_emb=None, packed_seq_params=None):
         tc = self.config
-        delayed = tc.fp8 is not None and tc.fp8_recipe == "delayed"
         if hidden is None:  # a later pipeline stage: the previous stage's output
             hidden = self.input_tensor
+        delayed = tc.fp8 is not None and tc.fp8_recipe == "delayed"
         with get_fp8_context(tc) if delayed else nullcontext():  # delayed scaling: one outer region
             for spec, layer in zip(self.layer_specs, self.layers):
                 with self._quant_context(spec.index, delayed):
-                    if isinstance(layer, TransformerLayer):
-                        hidden, _ = layer(hidden_states=hidden, attention_mask=None,
-                                          rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
-                    else:  # MambaLayer
-                        hidden = layer(hidden_states=hidden, attention_mask=None,
-                                       packed_seq_params=packed_seq_params)
+                    run = functools.partial(_run_layer, layer, rotary_pos_emb=rotary_pos_emb,
+                                            packed_seq_params=packed_seq_params)
+                    if self.training and spec.symbol in self.recompute_symbols:
+                        # keep only the layer's input; rerun it in backward (RNG state restored by Megatron)
+                        hidden = tensor_parallel.checkpoint(run, tc.distribute_saved_activations, hidden)
+                    else:
+                        hidden = run(hidden)
         return self.final_norm(hidden) if self.post_process else hidden
 
     def _quant_context(self, i: int, delayed: bool):
@@ -271,7 +284,8 @@ class MegatronLM(LanguageModule):
         if any(s.symbol == "*" for s in layers) and a.rope_theta > 0:
             self.rotary_pos_emb = RotaryEmbedding(kv_channels=tc.kv_channels, rotary_percent=a.rotary_fraction,
                                                   rotary_base=a.rope_theta, cp_group=pg.cp)
-        self.decoder = Decoder(tc, m, precision, pg, layers, self.post_process)
+        p = config.parallel
+        self.decoder = Decoder(tc, m, precision, pg, layers, self.post_process, p.recompute, p.recompute_symbols)
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 tc.hidden_size, m.vocab_size, config=tc, init_method=tc.init_method, bias=False,

@@ -16,7 +16,7 @@ DDP averages over data parallel, so a step's gradient is that of the mean over a
 the global batch - what the reference backend computes for the same micro-batches.
 
     trainer = MegatronTrainer(config, Precision(torch.bfloat16))
-    loss = trainer.forward_backward(micro_batches)   # this DP rank's [(tokens, labels), ...]
+    loss = trainer.forward_backward(micro_batches)   # this DP rank's [(tokens, labels[, seq_idx]), ...]
     trainer.optimizer_step(lr)
 """
 
@@ -74,7 +74,7 @@ class MegatronTrainer:
             self.optimizer.zero_grad()
 
     def forward_backward(self, micro_batches: list, forward_only: bool = False) -> Optional[torch.Tensor]:
-        """Run this DP rank's micro-batches `[(tokens [b, T], labels [b, T]), ...]` (CUDA tensors)
+        """Run this DP rank's micro-batches `[(tokens [b, T], labels [b, T][, seq_idx [b, T]]), ...]` (CUDA tensors)
         through the pipeline; gradients land in the DDP buffers (`param.main_grad`), finalised.
         Returns the mean loss over the micro-batches on the last pipeline stage (None elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -131,9 +131,10 @@ class MegatronTrainer:
 
 
 def _forward_step(data_iterator: Iterable, model):
-    """Megatron's forward_step_func: one micro-batch through this chunk; the loss on the last stage."""
-    tokens, labels = next(data_iterator)
-    output = model(tokens, labels=labels)
+    """Megatron's forward_step_func: one micro-batch `(tokens, labels[, seq_idx])` through this chunk;
+    the loss on the last stage."""
+    tokens, labels, *rest = next(data_iterator)
+    output = model(tokens, seq_idx=rest[0] if rest else None, labels=labels)
 
     def loss_func(per_token: torch.Tensor):
         loss = per_token.float().mean()

@@ -143,6 +143,9 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
              "set it to false or use backend='reference'")
     a = m.attention
     if "*" in symbols:
+        if a.sparsity.kind != "none":
+            fail("model.attention.sparsity.kind", a.sparsity.kind, "the megatron backend's attention is dense; "
+                 "set it to 'none' or use backend='reference'")
         if a.bias:
             fail("model.attention.bias", a.bias, "the megatron backend builds bias-free linears; set it to false")
         if a.out_bias:
@@ -195,9 +198,20 @@ def check_megatron(config, precision: Optional[Precision] = None) -> list:
         if p.cp != 1:
             fail("parallel.cp", p.cp, "the megatron backend does not train under context parallelism yet "
                  "(state passing runs on the reference backend: train.backend=reference); set it to 1")
-        if p.recompute == "full":
-            fail("parallel.recompute", p.recompute, "full recompute is not wired in the megatron backend; use "
-                 "'selective' or 'none'")
+        if p.recompute == "full" and precision is not None and precision.fp8 is not None:
+            fail("parallel.recompute", p.recompute, "full recompute under FP8 is not wired in the megatron "
+                 "backend (it needs TE's checkpoint with the per-layer FP8 contexts); use 'selective' or 'none'")
+        if p.recompute_symbols is not None:
+            if p.recompute != "full":
+                fail("parallel.recompute_symbols", p.recompute_symbols, f"applies to recompute='full' only (it is "
+                     f"{p.recompute!r}); set parallel.recompute=full or remove it")
+            unknown = sorted(set(p.recompute_symbols) - symbols)
+            if unknown:
+                fail("parallel.recompute_symbols", p.recompute_symbols, f"{', '.join(map(repr, unknown))} not in "
+                     f"the pattern's layers ({''.join(sorted(symbols))})")
+        if p.recompute_modules is not None and p.recompute != "selective":
+            fail("parallel.recompute_modules", p.recompute_modules, f"applies to recompute='selective' only (it "
+                 f"is {p.recompute!r}); set parallel.recompute=selective or remove it")
     if precision is not None and precision.fp8 is not None:
         if precision.fp8 not in FP8_RECIPES:
             fail("precision.fp8", precision.fp8, f"must be one of {list(FP8_RECIPES)} or None")
@@ -300,8 +314,8 @@ def build_transformer_config(config, precision: Optional[Precision] = None, **ov
                       virtual_pipeline_model_parallel_size=p.vpp,
                       expert_model_parallel_size=p.ep, expert_tensor_parallel_size=p.etp or p.tp,
                       context_parallel_size=p.cp, sequence_parallel=p.sequence_parallel)
-        if p.recompute == "selective":
-            kwargs.update(recompute_granularity="selective")
+        if p.recompute == "selective":  # full recompute is per layer in model.py (Decoder), not Megatron's
+            kwargs.update(recompute_granularity="selective", recompute_modules=p.recompute_modules)
     if precision.fp8 is not None:
         # Pinned positions are handled per layer by model.py (Precision.bf16_positions), not by
         # Megatron's first_last_layers_bf16, so any set of positions can be pinned.

@@ -16,7 +16,8 @@ class LayerType:
     symbol: str
     name: str
     kind: Literal["mixer", "channel"]
-    """mixer: mixes positions (attention, SSM, ...); channel: per-token (MLP, MoE)."""
+    """mixer: mixes positions (attention, SSM, ...); channel: the FFN slot after a mixer (MLP, MoE per
+    token; RWKV-7's channel mixing also reads the previous token, so check `token_wise` for "per token")."""
     target: str
     """"module:Class" of the reference implementation (imported lazily)."""
     aliases: tuple[str, ...] = ()
@@ -67,8 +68,8 @@ for _lt in [
     LayerType("E", "moe", "channel", f"{_M}.moe:MoE", (), True, "mixture of experts"),
     LayerType("+", "mla", "mixer", f"{_M}.unsupported:MultiLatentAttention", (), True,
               "multi-latent attention (Megatron backend only)"),
-    LayerType("D", "dsa", "mixer", f"{_M}.unsupported:DeepSeekSparseAttention", (), True,
-              "DeepSeek sparse attention (Megatron backend only)"),
+    LayerType("D", "dsa", "mixer", f"{_M}.sparse_attention:DeepSeekSparseAttention",
+              ("deepseek_sparse_attention",), True, "DeepSeek sparse attention (top-k indexer, GQA heads)"),
     # megahybrid's own.
     LayerType("d", "deltanet", "mixer", f"{_M}.deltanet:DeltaNet", (), False, "DeltaNet"),
     LayerType("w", "swa", "mixer", f"{_M}.attention:SlidingWindowAttention",
@@ -83,6 +84,8 @@ for _lt in [
               "mixers side by side on one input, outputs summed (Falcon-H1)"),
     LayerType("u", "gru", "mixer", f"{_M}.gru:MinGRU", ("mingru",), False, "minGRU (parallel-scan GRU)"),
     LayerType("k", "rwkv7", "mixer", f"{_M}.rwkv7:RWKV7", (), False, "RWKV-7 time mixing (generalised delta rule)"),
+    LayerType("c", "rwkv7_ffn", "channel", f"{_M}.rwkv7_ffn:RWKV7FeedForward", ("rwkv7_channel_mix",), False,
+              "RWKV-7 channel mixing (token-shift squared-ReLU FFN)"),
     LayerType("y", "hyena", "mixer", f"{_M}.hyena:Hyena", (), False, "Hyena long convolution (implicit filters)"),
     LayerType("b", "based", "mixer", f"{_M}.based:Based", (), False, "Based Taylor linear attention"),
     LayerType("f", "goldfinch", "mixer", f"{_M}.goldfinch:GoldAttention", ("gold",), False,

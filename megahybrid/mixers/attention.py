@@ -10,12 +10,15 @@ Layout of one layer (`[B, T, hidden]` in and out):
     q, k    = q_norm(q), k_norm(k)               (per head, or over all heads with qk_norm_scope="all_heads"; before RoPE; only with `qk_norm`)
     q, k    = RoPE(q, k) at positions past..past+T-1 (first `rotary_fraction` of each head)
     o       = softmax(scale * q k^T + causal/window mask) v
+              (with `attention.sparsity` local_global: only the keys of the visible blocks, see
+               `block_sparse_attention`)
     y       = o_proj(o * sigmoid(gate))
 
 State (KV cache): `{"k": [B, Tc, Hkv, D], "v": [B, Tc, Hkv, D]}` holding keys after norm and RoPE.
 Full attention keeps every past token (Tc = tokens seen, so positions continue from Tc). Sliding
 window keeps only the last window-1 tokens and adds `"pos": [B]` (int64, tokens seen), because Tc no
-longer tells the position at which the next token's RoPE rotation starts.
+longer tells the position at which the next token's RoPE rotation starts. Block-sparse attention
+keeps every token too: the global blocks stay visible to every later query.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megahybrid.config import fail
@@ -73,16 +77,65 @@ def attention_mask(Tq: int, Tk: int, offset: int, window: Optional[int], device=
     return visible
 
 
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                           local_blocks: int, global_blocks: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal local + global block-sparse attention that computes only the visible blocks.
+
+    q `[B, Tq, Hq, D]` are the last Tq of the keys k `[B, Tk, Hkv, D]` (v `[B, Tk, Hkv, Dv]`), so query i
+    sits at position p = Tk - Tq + i. It sees key j <= p iff j // block_size is one of the first
+    `global_blocks` blocks or lies in [p // block_size - local_blocks, p // block_size].
+    Each query block gathers its (global_blocks + local_blocks + 1) key blocks once ([B, blocks, slots *
+    block_size, Hkv, D]); a global block that the local range already holds is masked in its global slot,
+    so no key counts twice. Queries are padded to whole blocks and keys to the last query block; every
+    padded row still sees the first key of its own block, so no softmax row is empty. Scores and softmax
+    run in float32 for 16-bit inputs, as in `attention_core`. -> o `[B, Tq, Hq, Dv]`.
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Tq > Tk:
+        raise ValueError(f"block_sparse_attention: {Tq} queries but only {Tk} keys")
+    bs = block_size
+    scale = D ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    dev = q.device
+    first, last = (Tk - Tq) // bs, (Tk - 1) // bs  # query blocks
+    n_q, n_k = last - first + 1, last + 1
+    G, L = min(global_blocks, n_k), min(local_blocks, last)
+    front = Tk - Tq - first * bs  # padding rows before the first query, in the first query block
+    qb = torch.arange(first, last + 1, device=dev)
+    glob = torch.arange(G, device=dev).expand(n_q, G)
+    local = qb[:, None] + torch.arange(-L, 1, device=dev)  # [n_q, L + 1], own block last
+    slots = torch.cat([glob, local], dim=1)  # [n_q, S]: the key blocks of each query block
+    slot_ok = torch.cat([glob < (qb[:, None] - L), local >= 0], dim=1)
+    k_pos = (slots[:, :, None] * bs + torch.arange(bs, device=dev)).flatten(1)  # [n_q, S*bs]
+    q_pos = qb[:, None] * bs + torch.arange(bs, device=dev)  # [n_q, bs]
+    visible = (slot_ok.repeat_interleave(bs, dim=1)[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+               & (k_pos < Tk)[:, None, :])  # [n_q, bs, S*bs]
+    pad_k = n_k * bs - Tk
+    kb = F.pad(k.to(compute), (0, 0, 0, 0, 0, pad_k)).view(B, n_k, bs, Hkv, D)
+    vb = F.pad(v.to(compute), (0, 0, 0, 0, 0, pad_k)).view(B, n_k, bs, Hkv, Dv)
+    index = slots.clamp(min=0)
+    kg = kb[:, index].flatten(2, 3)  # [B, n_q, S*bs, Hkv, D]
+    vg = vb[:, index].flatten(2, 3)
+    qp = F.pad(q.to(compute), (0, 0, 0, 0, front, n_q * bs - front - Tq)).view(B, n_q, bs, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bnqhgd,bnkhd->bnhgqk", qp, kg) * scale
+    scores = scores.masked_fill(~visible[None, :, None, None], float("-inf"))
+    o = torch.einsum("bnhgqk,bnkhd->bnqhgd", torch.softmax(scores, dim=-1), vg)
+    return o.reshape(B, n_q * bs, Hq, Dv)[:, front:front + Tq].to(dtype)
+
+
 def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State, *,
                  q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], rope_theta: float,
-                 rotary_fraction: float, window: Optional[int], scale: float):
+                 rotary_fraction: float, window: Optional[int], scale: float, sparsity=None):
     """QK-norm, RoPE, KV cache and `attention_core`: the per-head output before any output gate or
     projection, shared by `Attention` (then gate, o_proj) and Hymba's attention heads (then its norm).
 
     q `[B, T, Hq, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` (new tokens only; norms None = no
     QK-norm) -> (o `[B, T, Hq, Dv]`, state). The state follows the module docstring: full attention
     keeps every past token; a window keeps the last window-1 and adds "pos" (tokens seen), which
-    then gives the position of the first new token instead of the cache length.
+    then gives the position of the first new token instead of the cache length. `sparsity`: an
+    `AttentionSparsityConfig` of kind local_global (with window None) -> `block_sparse_attention`.
     """
     B, T = q.shape[:2]
     if q_norm is not None:
@@ -98,7 +151,11 @@ def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State
     if state is not None:
         k = torch.cat([state["k"].to(k.dtype), k], dim=1)
         v = torch.cat([state["v"].to(v.dtype), v], dim=1)
-    o = attention_core(q, k, v, causal_offset=cached, window=window, scale=scale)
+    if sparsity is not None:
+        o = block_sparse_attention(q, k, v, block_size=sparsity.block_size, local_blocks=sparsity.local_blocks,
+                                   global_blocks=sparsity.global_blocks, scale=scale)
+    else:
+        o = attention_core(q, k, v, causal_offset=cached, window=window, scale=scale)
     if window is None:
         return o, {"k": k, "v": v}
     keep = max(0, k.shape[1] - (window - 1))  # slice start; window=1 keeps nothing
@@ -115,6 +172,8 @@ class Attention(Mixer):
 
     window: Optional[int] = None
     """Sliding window in tokens; None = global (set by `SlidingWindowAttention`)."""
+    sparsity = None
+    """`attention.sparsity` when its kind is not "none" (block-sparse local + global); set in __init__."""
 
     def __init__(self, config, index: int = 0, shared: dict | None = None, input_size: Optional[int] = None):
         """`input_size`: width of x for q/k/v; None = hidden_size (SharedAttention's concat input is 2 * hidden)."""
@@ -130,6 +189,8 @@ class Attention(Mixer):
         self.rotary_fraction = a.rotary_fraction
         self.scale = a.softmax_scale if a.softmax_scale is not None else self.head_dim ** -0.5
         self.output_gate = a.output_gate
+        if a.sparsity.kind != "none" and self._window_for(config) is None:
+            self.sparsity = a.sparsity
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         std = config.init_std
         # With the gate, q_proj rows are per head [q_h (D), gate_h (D)] (Qwen3-Next, HF layout).
@@ -160,18 +221,27 @@ class Attention(Mixer):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         return q, gate, k, v
 
-    def attend(self, q, gate, k, v, state: State = None):
-        """`attend_heads`, then gate and o_proj: projected heads -> `(y, state)`."""
-        B, T = q.shape[:2]
-        q_norm, k_norm = self.q_norm, self.k_norm
-        if self.qk_norm_all_heads and q_norm is not None:
-            q, k = q_norm(q.flatten(-2)).view_as(q), k_norm(k.flatten(-2)).view_as(k)
-            q_norm = k_norm = None
-        o, state = attend_heads(q, k, v, state, q_norm=q_norm, k_norm=k_norm, rope_theta=self.rope_theta,
-                                rotary_fraction=self.rotary_fraction, window=self.window, scale=self.scale)
+    def norm_qk(self, q, k):
+        """QK-norm per head, or over all heads with qk_norm_scope="all_heads"; unchanged without qk_norm."""
+        if self.q_norm is None:
+            return q, k
+        if self.qk_norm_all_heads:
+            return self.q_norm(q.flatten(-2)).view_as(q), self.k_norm(k.flatten(-2)).view_as(k)
+        return self.q_norm(q), self.k_norm(k)
+
+    def output(self, o: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-head output `[B, T, H, Dv]` -> output gate (if any) -> o_proj -> `[B, T, hidden]`."""
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(B, T, -1)), state
+        return self.o_proj(o.flatten(-2))
+
+    def attend(self, q, gate, k, v, state: State = None):
+        """QK-norm, `attend_heads`, then gate and o_proj: projected heads -> `(y, state)`."""
+        q, k = self.norm_qk(q, k)
+        o, state = attend_heads(q, k, v, state, q_norm=None, k_norm=None, rope_theta=self.rope_theta,
+                                rotary_fraction=self.rotary_fraction, window=self.window, scale=self.scale,
+                                sparsity=self.sparsity)
+        return self.output(o, gate), state
 
     def forward_segment(self, x: torch.Tensor, state: State = None):
         return self.attend(*self.project(x), state)
@@ -199,6 +269,12 @@ class Attention(Mixer):
             fail(f"{p}.rope_theta", a.rope_theta, "must be > 0 (or 0 to disable RoPE)")
         if a.softmax_scale is not None and a.softmax_scale <= 0:
             fail(f"{p}.softmax_scale", a.softmax_scale, "must be > 0 (or null for head_dim ** -0.5)")
+        sp = a.sparsity
+        if sp.block_size < 1:
+            fail(f"{p}.sparsity.block_size", sp.block_size, "must be >= 1 (tokens per block)")
+        for name in ("local_blocks", "global_blocks"):
+            if getattr(sp, name) < 0:
+                fail(f"{p}.sparsity.{name}", getattr(sp, name), "must be >= 0 (blocks)")
 
     @classmethod
     def _window_for(cls, config) -> Optional[int]:
@@ -214,6 +290,7 @@ class Attention(Mixer):
           causal, no window:  S / 2  (half the square: core = 2*S*H*D; causal=False: S, core = 4*S*H*D)
           causal, window w:   L - L^2 / (2S) with L = min(w, S) (band area / S; S/2 when w >= S)
           causal=False, w:    L
+          block-sparse:       `block_sparse_keys` (the visible blocks; S/2 when they cover everything)
         """
         m = _model_config(config)
         a = m.attention
@@ -221,7 +298,32 @@ class Attention(Mixer):
         d = a.head_dim or m.hidden_size // heads
         proj = m.hidden_size * heads * d * (2 if a.output_gate else 1) + 2 * m.hidden_size * kv * d \
             + heads * d * m.hidden_size
-        return 2.0 * proj + 4.0 * heads * d * mean_keys(seq_len, cls._window_for(m), causal)
+        return 2.0 * proj + 4.0 * heads * d * cls._keys_per_query(m, seq_len, causal)
+
+    @classmethod
+    def _keys_per_query(cls, config, seq_len: int, causal: bool) -> float:
+        sp = config.attention.sparsity
+        window = cls._window_for(config)
+        if sp.kind == "local_global" and window is None:
+            return block_sparse_keys(seq_len, sp.block_size, sp.local_blocks, sp.global_blocks, causal)
+        return mean_keys(seq_len, window, causal)
+
+
+def block_sparse_keys(seq_len: int, block_size: int, local_blocks: int, global_blocks: int, causal: bool) -> float:
+    """Mean keys per query of the local + global block pattern (`block_sparse_attention`), counted as
+    `mean_keys` counts causal attention: each query's visible keys less half a key for the diagonal, so
+    blocks that cover everything give S / 2. causal=False: every key of the visible blocks."""
+    S, bs = seq_len, block_size
+    total = 0.0
+    for b in range(-(-S // bs)):
+        n = min(bs, S - b * bs)  # queries in block b
+        lo = max(0, b - local_blocks)  # first local block
+        far = min(global_blocks, lo) * bs  # global keys outside the local range
+        if causal:  # query b*bs + i sees (b - lo)*bs + i + 1 local keys, less 1/2 for the diagonal
+            total += n * ((b - lo) * bs + 0.5 + far) + n * (n - 1) / 2
+        else:
+            total += n * (min(S, (b + 1) * bs) - lo * bs + far)
+    return total / S
 
 
 def mean_keys(seq_len: int, window: Optional[int], causal: bool) -> float:

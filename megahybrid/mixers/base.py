@@ -16,7 +16,8 @@ correctness over speed (fast paths pass `cu_seqlens` to their kernels instead).
 In training (`state=None`, `need_state=False`) every document of every row goes into one
 right-padded batch and one `forward_segment` call: mixers are causal, so padding after a document
 cannot reach its outputs; the states, which padding would disturb, are then not returned.
-Channel mixers (MLP, MoE) act per token, so they set `token_wise = True` and ignore boundaries.
+Channel mixers that act per token (MLP, MoE) set `token_wise = True` and ignore boundaries; RWKV-7's
+channel mixing (`c`) also reads the previous token, so it keeps a state and the per-document split.
 """
 
 from __future__ import annotations

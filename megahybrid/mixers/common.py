@@ -136,3 +136,12 @@ def init_dt_bias(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Te
     """Mamba's dt bias init: dt ~ logUniform(dt_min, dt_max), clamped below at `floor`."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return inverse_softplus(dt.clamp(min=floor))
+
+
+def positions_in_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` document ids (non-decreasing per row) -> each token's offset from its document's start."""
+    T = seq_idx.shape[1]
+    index = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values

@@ -50,13 +50,14 @@ from megahybrid.config import fail
 from megahybrid.mixers.base import Mixer, State
 from megahybrid.mixers.common import linear
 from megahybrid.mixers.moe import load_balancing_loss
+from megahybrid.mixers.parallel import refuse_side_streams
 
 SHARED_KEY = "modr"
 """Key in the model's `shared` dict of the one MoDr parameter set."""
 
 EXCLUDED_CORES = ("o", "s", "f", "p", "E", "+", "D")
 """Not usable as the core: MoDr itself, layers with their own cross-layer sharing (`s`, `f`), the
-composite `p`, MoE (its own router and aux loss) and the Megatron-only `+`, `D`."""
+composite `p`, MoE and DSA `D` (their own aux losses, collected per layer) and the Megatron-only `+`."""
 
 
 def _model_config(config):
@@ -101,6 +102,7 @@ class MoDrShared(nn.Module):
         m = _model_config(config)
         md, hidden, std = m.modr, m.hidden_size, m.init_std
         self.core = core_type(m).cls()(config, index=index, shared={})
+        refuse_side_streams(self.core, "model.modr.core", md.core, "the MoDr core")
         self.routers = nn.ModuleList(linear(hidden, md.num_branches, std) for _ in range(md.repeats))
         self.lora_in = nn.ModuleList(LoRABank(md.num_branches, hidden, md.lora_rank, std) for _ in range(md.repeats))
         self.lora_out = nn.ModuleList(LoRABank(md.num_branches, hidden, md.lora_rank, std) for _ in range(md.repeats))

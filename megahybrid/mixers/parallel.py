@@ -40,8 +40,22 @@ def branch_types(config) -> list:
             fail(field, names, f"{name!r} is not a sequence mixer; choose from {choices}")
         if lt in types:
             fail(field, names, f"names {lt.name!r} twice; each mixer can run once per block")
+        if lt.cls().forward is not Mixer.forward:  # branches run forward_segment only
+            fail(field, names, f"{lt.name!r} ({lt.symbol}) works in its own forward (DSA sets its indexer loss "
+                 "there, Engram reads the token ids), which a branch does not run; give it its own block")
         types.append(lt)
     return types
+
+
+def refuse_side_streams(mixer, field: str, value, where: str) -> None:
+    """One-line ConfigError (`field`=`value`) if `mixer` reads or writes a side stream (reference/model.py,
+    `Block`): a composite layer hands its inner mixers plain hidden states, so the stream would be lost.
+    Mixers set their streams per config at build time (GoldFinch's cache, RWKV-7's v_first), hence a
+    check on the built mixer."""
+    if getattr(mixer, "side_inputs", ()) or getattr(mixer, "side_output", None):
+        fail(field, value, f"{type(mixer).__name__} passes a side stream between layers (GoldFinch's cache, "
+             f"RWKV-7's value residual), which {where} cannot carry; use another layer, or for rwkv7 set "
+             "model.rwkv7.value_residual=false")
 
 
 class ParallelMixers(Mixer):
@@ -52,7 +66,10 @@ class ParallelMixers(Mixer):
         super().__init__()
         self.branch_names = []
         for lt in branch_types(config):
-            self.add_module(lt.name, lt.cls()(config, index=index, shared=shared))
+            branch = lt.cls()(config, index=index, shared=shared)
+            refuse_side_streams(branch, "model.parallel_mixers.mixers",
+                                getattr(config, "model", config).parallel_mixers.mixers, "a parallel branch")
+            self.add_module(lt.name, branch)
             self.branch_names.append(lt.name)
 
     def forward_segment(self, x: torch.Tensor, state: State = None):

@@ -22,13 +22,22 @@ final state are matmuls. Decays enter as exp(Gamma_i - Gamma_j) per key channel 
 exponent <= 0, so nothing overflows. On GPU the Megatron backend would call FLA's `chunk_rwkv7`; the
 reference backend uses `chunked_rwkv7` everywhere.
 
-Value residual (RWKV-7's v_first: layers after the first mix v towards layer 0's v) is NOT built: every
-`k` layer is FLA's `layer_idx=0` form (v = v_proj(x^v), no v_lora). v_first would have to travel from
-layer 0 to every later layer, packed-document splits included, which the per-layer mixer contract does
-not carry yet (a Block-level channel like `reads_embeddings` could). RWKV-7's channel mixing is not here
-either: use a `-` MLP with `activation: relu2` (RWKV's FFN also token-shifts its input; not modelled).
+Value residual (RWKV-7's v_first, `rwkv7.value_residual`, on by default): the model's first `k` layer
+keeps its v; every later `k` layer mixes its own v towards it per channel,
+    v = lerp(v, v_first, sigmoid(v_lora(x^v)))       v_lora: Linear(no bias) -> Linear (FLA's `LoRA`)
+which is FLA's `layer_idx == 0` / `!= 0` split (the first layer has no v_lora). v_first travels as a
+side stream of the reference LM (reference/model.py, `Block`): the first `k` layer built (counted in
+the model's `shared` dict) returns concat(y, v) and its Block stores v as the stream "rwkv7.v_first";
+later `k` layers read concat(norm(x), v_first). Riding along x keeps it inside the mixer contract:
+packed documents and state pieces split it with x, and since v_first is a per-token value (no
+recurrence), a model run in pieces recomputes it for the new tokens and needs no state for it.
+A `k` layer built on its own (no `shared`) or with `value_residual: false` is the layer-0 form.
+Layers that cannot carry a stream refuse it: parallel branches (`p`), the MoDr core (`o`),
+hyper-connections, post-norm blocks; context parallelism refuses `k` altogether (no CP form).
+RWKV-7's channel mixing (token-shift squared-ReLU FFN) is its own layer, `c` (mixers/rwkv7_ffn.py).
 
-Init follows FLA's `_initialize_weights` (depth ratio = this sublayer's index / number of sublayers).
+Init follows FLA's `_initialize_weights` at FLA's layer index (`fla_layer_index`: the block this
+sublayer belongs to, a block being a sequence mixer and the channel layers after it).
 State: `{"shift": [B, hidden] (the last input token), "recurrent": [B, H, K, V]}`; no state = zeros.
 """
 
@@ -44,6 +53,11 @@ from torch import nn
 from megahybrid.config import ConfigError, fail
 from megahybrid.mixers.base import Mixer, State
 from megahybrid.mixers.delta_rule import _chunks, _work_dtype
+
+V_FIRST_STREAM = "rwkv7.v_first"
+"""Name of the side stream that carries the first `k` layer's v to the later `k` layers."""
+USES_KEY = "rwkv7.uses"
+"""Key in the model's `shared` dict counting the `k` layers built so far (the first one writes v_first)."""
 
 DECAY_LOWER_BOUND = -math.exp(-0.5)
 """w = DECAY_LOWER_BOUND * sigmoid(.): RWKV-7's per-step decay exp(w) stays above e^{-0.607} = 0.545
@@ -147,7 +161,7 @@ class LoRA(nn.Module):
 
 
 def rwkv7_sizes(config) -> dict:
-    """heads, head_dim, value width and the three LoRA ranks (FLA's defaults where None)."""
+    """heads, head_dim, value width and the four LoRA ranks (FLA's defaults where None)."""
     m = _model_config(config)
     c, hidden = m.rwkv7, m.hidden_size
     factor = c.head_dim / 64  # FLA: wider heads get wider decay / a LoRAs
@@ -155,22 +169,35 @@ def rwkv7_sizes(config) -> dict:
     return dict(heads=hidden // c.head_dim, head_dim=c.head_dim, value_dim=c.value_dim or hidden,
                 decay_rank=c.decay_low_rank_dim or default(2.5, factor),
                 a_rank=c.a_low_rank_dim or default(2.5, factor),
-                gate_rank=c.gate_low_rank_dim or default(5, 1.0))
+                gate_rank=c.gate_low_rank_dim or default(5, 1.0),
+                v_rank=c.v_low_rank_dim or default(1.7, factor))
 
 
-def _depth(config, index: int) -> tuple[int, int]:
-    """(this sublayer's index, number of sublayers) for the depth-dependent init; (0, 1) when the
-    config has no layout (a layer built on its own)."""
+def fla_layer_index(config, index: int) -> tuple[int, int]:
+    """(FLA's `layer_idx`, `num_hidden_layers`) of sublayer `index`, for the depth-dependent init. FLA's
+    layer is a block of (time mixing, channel mixing); here a block is a sequence mixer ("mixer" kind)
+    with the channel layers after it, so "(kc)x24" gives both sublayers of block i FLA's layer i. A
+    layout of channel layers only counts each as a block; (0, 1) when the config has no layout (a layer
+    built on its own)."""
     from megahybrid.pattern import resolve_layers
 
     try:
-        return index, max(1, len(resolve_layers(config)))
+        specs = resolve_layers(config)
     except ConfigError:
         return 0, 1
+    mixers = [s.kind == "mixer" for s in specs]
+    if not any(mixers):
+        return min(index, len(specs) - 1), max(1, len(specs))
+    return max(0, sum(mixers[:index + 1]) - 1), sum(mixers)
 
 
 class RWKV7(Mixer):
     """RWKV-7 time mixing; see the module docstring."""
+
+    side_inputs: tuple[str, ...] = ()
+    """(V_FIRST_STREAM,) for a `k` layer after the first with the value residual (Block reads it)."""
+    side_output: Optional[str] = None
+    """V_FIRST_STREAM for the model's first `k` layer with the value residual."""
 
     def __init__(self, config, index: int = 0, shared: Optional[dict] = None):
         super().__init__()
@@ -180,6 +207,18 @@ class RWKV7(Mixer):
         s = rwkv7_sizes(config)
         self.num_heads, self.head_dim, self.value_dim = s["heads"], s["head_dim"], s["value_dim"]
         self.chunk_size = c.chunk_size
+        self.hidden = hidden
+        # The value residual's role (module docstring): the first `k` layer of the model writes v_first,
+        # later ones read it through v_lora.
+        use = 0
+        if c.value_residual and shared is not None:
+            use = shared.get(USES_KEY, 0)
+            shared[USES_KEY] = use + 1
+            if use == 0:
+                self.side_output = V_FIRST_STREAM
+            else:
+                self.side_inputs = (V_FIRST_STREAM,)
+        self.reads_v_first = use > 0
         for name in "rwkvag":
             setattr(self, f"x_{name}", nn.Parameter(torch.zeros(1, 1, hidden)))
         self.k_k = nn.Parameter(torch.zeros(hidden))
@@ -190,10 +229,11 @@ class RWKV7(Mixer):
         self.v_proj = nn.Linear(hidden, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=False)
         self.w_lora = LoRA(hidden, hidden, s["decay_rank"], "tanh")
+        self.v_lora = LoRA(hidden, self.value_dim, s["v_rank"], None) if self.reads_v_first else None
         self.a_lora = LoRA(hidden, hidden, s["a_rank"], None)
         self.g_lora = LoRA(hidden, self.value_dim, s["gate_rank"], "sigmoid", bias=False)
         self.g_norm = nn.GroupNorm(self.num_heads, self.value_dim, eps=self.head_dim * c.norm_eps, affine=True)
-        self._init_like_fla(*_depth(config, index))
+        self._init_like_fla(*fla_layer_index(config, index))
 
     @torch.no_grad()
     def _init_like_fla(self, layer: int, num_layers: int) -> None:
@@ -214,6 +254,10 @@ class RWKV7(Mixer):
         self.k_k.copy_(0.71 - linear * 0.1)
         self.w_lora.lora[2].bias.copy_(www + 0.5 + zigzag * 2.5)
         self.a_lora.lora[2].bias.copy_(-0.19 + zigzag * 0.3 + linear * 0.4)
+        if self.v_lora is not None:  # "v0": sigmoid(0.73 +- 0.2) ~ 0.63-0.72 of v_first at init
+            V = self.value_dim  # FLA spans `linear` over hidden_size (its init fails for value_dim != hidden)
+            linear_v = torch.arange(V, dtype=torch.float64) / max(V - 1, 1) - 0.5
+            self.v_lora.lora[2].bias.copy_(0.73 - linear_v * 0.4)
         self.g_norm.weight.fill_(((layer + 1) / num_layers) ** 0.7)
         nn.init.orthogonal_(self.r_proj.weight)
         nn.init.orthogonal_(self.k_proj.weight, gain=0.1)
@@ -221,12 +265,20 @@ class RWKV7(Mixer):
         nn.init.zeros_(self.o_proj.weight)
 
     def forward_segment(self, x: torch.Tensor, state: State = None):
+        """x `[B, T, hidden]`, or `[B, T, hidden + value_dim]` (x, v_first) for a layer that reads v_first;
+        y `[B, T, hidden]`, or (y, v) concatenated for the layer that writes it."""
+        v_first = None
+        if self.reads_v_first:
+            x, v_first = x[..., :self.hidden], x[..., self.hidden:]
         B, T, hidden = x.shape
         H, D = self.num_heads, self.head_dim
         prev = x.new_zeros(B, 1, hidden) if state is None else state["shift"][:, None].to(x.dtype)
         delta = torch.cat([prev, x[:, :-1]], dim=1) - x  # x_{t-1} - x_t
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, getattr(self, f"x_{n}")) for n in "rwkvag")
         r, k, v = self.r_proj(xr), self.k_proj(xk), self.v_proj(xv)
+        if v_first is not None:
+            v = torch.lerp(v, v_first.to(v.dtype), self.v_lora(xv).sigmoid())
+        v_first_out = v if self.side_output else None  # FLA layer 0: v_first = v
         w = DECAY_LOWER_BOUND * self.w_lora(xw).sigmoid()
         a = self.a_lora(xa).sigmoid()
         g = self.g_lora(xg)
@@ -242,6 +294,8 @@ class RWKV7(Mixer):
         o = self.g_norm(o.reshape(B * T, self.value_dim).to(x.dtype)).view(B, T, self.value_dim)
         bonus = ((r * k * self.r_k).sum(-1, keepdim=True) * v).flatten(-2)  # the current token's own v
         y = self.o_proj((o + bonus) * g)
+        if self.side_output:
+            y = torch.cat([y, v_first_out.to(y.dtype)], dim=-1)
         return y, {"shift": x[:, -1], "recurrent": recurrent}
 
     @classmethod
@@ -254,7 +308,7 @@ class RWKV7(Mixer):
         if c.value_dim is not None and (c.value_dim < 1 or c.value_dim % heads):
             fail(f"{p}.value_dim", c.value_dim,
                  f"must be a positive multiple of the number of heads ({heads}), or null for hidden_size")
-        for name in ("decay_low_rank_dim", "a_low_rank_dim", "gate_low_rank_dim"):
+        for name in ("decay_low_rank_dim", "a_low_rank_dim", "gate_low_rank_dim", "v_low_rank_dim"):
             if getattr(c, name) is not None and getattr(c, name) < 1:
                 fail(f"{p}.{name}", getattr(c, name), "must be >= 1 (or null for FLA's default)")
         if c.chunk_size < 1:
@@ -264,13 +318,16 @@ class RWKV7(Mixer):
 
     @classmethod
     def flops_per_token(cls, config, seq_len: int, causal: bool = True) -> float:
-        """2 * MACs per token: r, k (hidden^2 each), v and o (hidden * V each), the three LoRAs
-        (hidden * rank + rank * out), the core 4 H K V (decayed state, rank-1 read a^T S and write b u^T,
-        k v^T write, r^T S read; as DeltaNet's count). Linear in sequence length."""
+        """2 * MACs per token: r, k (hidden^2 each), v and o (hidden * V each), the LoRAs (hidden * rank +
+        rank * out; v_lora with the value residual), the core 4 H K V (decayed state, rank-1 read a^T S and
+        write b u^T, k v^T write, r^T S read; as DeltaNet's count). Linear in sequence length. The model's
+        first `k` layer has no v_lora; its 2 * v_rank * (hidden + V) is counted anyway (a layer's count
+        does not know its position)."""
         m = _model_config(config)
         s, hidden = rwkv7_sizes(m), m.hidden_size
         V = s["value_dim"]
         proj = 2 * hidden * hidden + 2 * hidden * V
-        lora = (s["decay_rank"] * 2 * hidden + s["a_rank"] * 2 * hidden + s["gate_rank"] * (hidden + V))
+        lora = (s["decay_rank"] * 2 * hidden + s["a_rank"] * 2 * hidden + s["gate_rank"] * (hidden + V)
+                + (s["v_rank"] * (hidden + V) if m.rwkv7.value_residual else 0))
         core = 4 * s["heads"] * s["head_dim"] * (V // s["heads"])
         return 2.0 * (proj + lora + core)

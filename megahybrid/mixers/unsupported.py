@@ -22,6 +22,3 @@ class _Unsupported(Mixer):
 class MultiLatentAttention(_Unsupported):
     symbol, name = "+", "multi-latent attention"
 
-
-class DeepSeekSparseAttention(_Unsupported):
-    symbol, name = "D", "DeepSeek sparse attention"

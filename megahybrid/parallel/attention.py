@@ -27,7 +27,7 @@ import torch
 
 from megahybrid.mixers.attention import Attention
 from megahybrid.mixers.base import State
-from megahybrid.mixers.common import rotary
+from megahybrid.mixers.common import positions_in_documents, rotary
 from megahybrid.parallel.group import CPGroup
 
 
@@ -53,7 +53,7 @@ def attention_cp(attn: Attention, x: torch.Tensor, comm: CPGroup, seq_idx: Optio
     seq_of_row = comm.own(torch.arange(B, device=x.device)[None].expand(comm.num_slots, -1))  # [R]
     docs = (torch.zeros(B, T, dtype=torch.long, device=x.device) if seq_idx is None
             else comm.unshard(seq_idx).long())  # [B, T], whole sequences (no autograd needed)
-    pos_in_doc = _positions_in_document(docs)  # [B, T]
+    pos_in_doc = positions_in_documents(docs)  # [B, T]
     q_pos = slot_of_row[:, None] * S + torch.arange(S, device=x.device)  # [R, S] global positions
     rope_pos = pos_in_doc[seq_of_row[:, None], q_pos]
     q = rotary(q, rope_pos, attn.rope_theta, attn.rotary_fraction)
@@ -86,12 +86,3 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     o = torch.softmax(scores, dim=-1) @ v.to(compute).transpose(1, 2)[:, :, None]
     return o.reshape(B, Hq, Tq, -1).transpose(1, 2).to(q.dtype)
-
-
-def _positions_in_document(docs: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` document ids (non-decreasing per row) -> each token's offset from its document's start."""
-    T = docs.shape[1]
-    index = torch.arange(T, device=docs.device).expand_as(docs)
-    starts = torch.ones_like(docs, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values

@@ -77,10 +77,9 @@ from megahybrid.mixers.common import ShortConv, l2norm
 from megahybrid.mixers.deltanet import DeltaNet
 from megahybrid.mixers.gated_deltanet import GatedDeltaNet
 from megahybrid.mixers.mamba2 import Mamba2
-from megahybrid.parallel.group import CPGroup, check_cp_length
-from megahybrid.parallel.mixers import _conv_halo, forward_cp
-from megahybrid.parallel.state_passing import (SlotDocuments, conv_with_halo, delta_rule_cp, slot_documents,
-                                               ssd_cp)
+from megahybrid.parallel.group import CPGroup
+from megahybrid.parallel.mixers import forward_cp
+from megahybrid.parallel.state_passing import SlotDocuments, conv_with_halo, delta_rule_cp, ssd_cp
 
 FLA_CHUNK = 64
 """flash-linear-attention's delta-rule chunk (it accepts 16, 32, 64; 64 is its default and tuned size)."""
@@ -290,16 +289,4 @@ def forward_cp_kernels(mixer: Mixer, x: torch.Tensor, comm: CPGroup, state: Stat
     """`forward_cp(mixer, x, comm, state, seq_idx)` with the kernels (same arguments and result).
     Mixers without a kernel entry (token-wise ones, the RG-LRU) run `forward_cp` itself (plain PyTorch
     on the same device)."""
-    forward = CP_KERNEL_FORWARDS.get(type(mixer))
-    if forward is None:
-        return forward_cp(mixer, x, comm, state, seq_idx)
-    # The rest is forward_cp's, with this module's steps.
-    halo = _conv_halo(mixer)
-    check_cp_length(x.shape[1] * comm.size, comm.size, comm.layout, min_slot=halo)
-    docs = None
-    if seq_idx is not None:
-        if seq_idx.shape != x.shape[:2]:
-            raise ValueError(f"seq_idx shape {tuple(seq_idx.shape)} must equal x's [batch, seq] {tuple(x.shape[:2])}")
-        docs = slot_documents(comm, comm.to_rows(seq_idx), halo)
-    y, new_state = forward(mixer, comm.to_rows(x), comm, state, docs)
-    return comm.from_rows(y), {key: comm.latest(value) for key, value in new_state.items()}
+    return forward_cp(mixer, x, comm, state, seq_idx, forward=CP_KERNEL_FORWARDS.get(type(mixer)))

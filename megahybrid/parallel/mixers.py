@@ -29,7 +29,7 @@ from megahybrid.parallel.state_passing import (SlotDocuments, conv_with_halo, de
 
 
 def forward_cp(mixer: Mixer, x: torch.Tensor, comm: CPGroup, state: State = None,
-               seq_idx: Optional[torch.Tensor] = None):
+               seq_idx: Optional[torch.Tensor] = None, forward: Optional[Callable] = None):
     """This rank's part of `mixer(x_whole, state, seq_idx_whole)` under context parallelism.
 
     x: this rank's tokens `[B, T_local, hidden]` as `comm.shard` lays them out (its slots one after
@@ -41,7 +41,7 @@ def forward_cp(mixer: Mixer, x: torch.Tensor, comm: CPGroup, state: State = None
     state of the whole sequence, i.e. of its last document)."""
     if mixer.token_wise:
         return mixer(x, need_state=False)
-    forward = _cp_forward_of(mixer)
+    forward = forward or _cp_forward_of(mixer)  # `forward`: the mixer's CP steps (kernels.py passes its own)
     halo = _conv_halo(mixer)
     check_cp_length(x.shape[1] * comm.size, comm.size, comm.layout, min_slot=halo)
     docs = None

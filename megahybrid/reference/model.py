@@ -26,13 +26,13 @@ class Block(nn.Module):
     normalises the pair itself; `feeds_next_input`: x passes unchanged and the output is returned as
     `carry`, which the next block adds to its input before its norm but not to its residual.
 
-    Side streams (GoldFinch's compressed KV cache, mixers/goldfinch.py): per-forward tensors that
-    later layers read. `side_inputs` (stream names): concat(norm(x), *streams) is the mixer's input;
+    Side streams (GoldFinch's compressed KV cache, mixers/goldfinch.py; RWKV-7's v_first, mixers/rwkv7.py):
+    per-forward tensors that later layers read. `side_inputs` (stream names): concat(norm(x), *streams) is the mixer's input;
     `side_output` (a stream name): the mixer returns concat(y, s), y goes to the residual and s is
     stored as that stream. "embeddings" (the embedding output) is always a stream; so is "token_ids" (the
     input ids), which a mixer with `reads_token_ids` (Engram) gets as a `token_ids=` argument instead.
     Concatenating keeps the streams inside the mixer contract: packed documents and state pieces split
-    them with x."""
+    them with x. In a post-norm block the streams join the un-normed x and the norm follows the mixer."""
 
     def __init__(self, config, spec: LayerSpec, shared: dict, post_norm: bool = False, routed: bool = False):
         super().__init__()
@@ -63,16 +63,18 @@ class Block(nn.Module):
             y, state = self.mixer(torch.cat([h, embeddings], dim=-1), state, seq_idx, need_state)
         elif self.reads_token_ids:  # the mixer takes this forward's token ids (streams["token_ids"])
             y, state = self.mixer(self.norm(h), state, seq_idx, need_state, token_ids=streams["token_ids"])
-        elif self.post_norm:
-            y, state = self.mixer(h, state, seq_idx, need_state)
-            y = self.norm(y)
         elif self.side_inputs or self.side_output:
             streams = {"embeddings": embeddings} if streams is None else streams
-            u = torch.cat([self.norm(h), *(streams[k] for k in self.side_inputs)], dim=-1)
+            u = torch.cat([h if self.post_norm else self.norm(h), *(streams[k] for k in self.side_inputs)], dim=-1)
             y, state = self.mixer(u, state, seq_idx, need_state)
             if self.side_output:
                 streams[self.side_output] = y[..., x.shape[-1]:]
                 y = y[..., :x.shape[-1]]
+            if self.post_norm:
+                y = self.norm(y)
+        elif self.post_norm:
+            y, state = self.mixer(h, state, seq_idx, need_state)
+            y = self.norm(y)
         else:
             y, state = self.branch(h, state, seq_idx, need_state)
         y = y if self.residual_scale == 1.0 else self.residual_scale * y

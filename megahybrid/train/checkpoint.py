@@ -51,6 +51,24 @@ def config_yaml(config) -> str:
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
 
 
+def upgrade_saved_config(data: dict) -> dict:
+    """A config dict read from a checkpoint's config.yaml, with the fields added since it was written set
+    to what the checkpoint was built with where that differs from the new default (a saved config always
+    holds every section, so a missing field means an older megahybrid wrote it):
+    - model.rwkv7.value_residual (issue 12): `k` layers had no value residual (no v_lora) before; false."""
+    rwkv7 = (data.get("model") or {}).get("rwkv7")
+    if isinstance(rwkv7, dict) and "value_residual" not in rwkv7:
+        data = {**data, "model": {**data["model"], "rwkv7": {**rwkv7, "value_residual": False}}}
+    return data
+
+
+def read_config(path: Path):
+    """The `Config` saved in the checkpoint directory `path` (config.yaml, upgraded)."""
+    import megahybrid
+
+    return megahybrid.load_config(upgrade_saved_config(yaml.safe_load((path / CONFIG).read_text())))
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -156,7 +174,8 @@ def config_changes(path: Path, config) -> list[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    old, new = flat(yaml.safe_load((path / CONFIG).read_text())), flat(yaml.safe_load(config_yaml(config)))
+    old = flat(upgrade_saved_config(yaml.safe_load((path / CONFIG).read_text())))
+    new = flat(yaml.safe_load(config_yaml(config)))
     return [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
 
 
@@ -217,7 +236,7 @@ def load_model_checkpoint(path) -> tuple[torch.nn.Module, object]:
         path = found[0]
     else:
         verify(path)
-    config = megahybrid.load_config(yaml.safe_load((path / CONFIG).read_text()))
+    config = read_config(path)
     model = megahybrid.build_model(config)
     check_adapters(path, model)
     load_model(model, str(path / MODEL), strict=True)

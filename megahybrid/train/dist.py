@@ -142,10 +142,14 @@ def setup(train, parallel=None) -> Dist:
     if world % cp:
         raise ConfigError(f"parallel.cp={cp}: must divide the number of processes ({world}); launch a multiple "
                           f"of {cp} processes (torchrun --nproc-per-node) or change parallel.cp")
+    model_parallel = cp if parallel is None else cp * parallel.tp * parallel.pp  # EP lives inside DP
+    if world % model_parallel:
+        raise ConfigError(f"parallel: tp x pp x cp = {model_parallel} must divide the number of processes ({world}); "
+                          f"launch a multiple of {model_parallel} processes or change the layout")
     cp_group = None
     if world > 1:
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-        per_step = train.micro_batch_size * (world // cp)
+        per_step = train.micro_batch_size * (world // model_parallel)
         if train.global_batch_size % per_step:
             raise ConfigError(f"train.global_batch_size={train.global_batch_size}: must be a multiple of "
                               f"train.micro_batch_size * data-parallel size = {per_step}")

@@ -16,7 +16,7 @@ from megahybrid.config import ConfigError
 from megahybrid.data.loader import Data
 from megahybrid.data.prepare import prepare_run_data
 from megahybrid.parallel.model import check_context_parallel
-from megahybrid.train import checkpoint, dist as distributed, loop
+from megahybrid.train import checkpoint, dist as distributed, loop, megatron_loop
 
 
 def make_run_dir(out: str) -> Path:
@@ -50,22 +50,29 @@ def print_config(config, run_dir: Path) -> None:
 
 
 def check_layout_supported(config) -> None:
-    """The loop trains data parallelism, plus context parallelism on the reference backend; other
-    model-parallel settings must not be silently ignored."""
+    """The reference loop trains data parallelism, plus context parallelism on the reference backend;
+    model-parallel layouts train through megatron_loop (train.backend=megatron); nothing is ignored."""
     p = config.parallel
+    if megatron_loop.uses_megatron_loop(config):
+        if p.cp != 1:
+            raise ConfigError(f"parallel.cp={p.cp}: the megatron backend does not train under context parallelism "
+                              "yet; set parallel.cp=1 (or train.backend=reference, parallel.tp=pp=ep=1)")
+        from megahybrid.megatron.transformer_config import check_megatron
+
+        check_megatron(config)  # its one-line errors before any data is prepared
+        return
     for name in ("tp", "pp", "ep"):
         if getattr(p, name) != 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: `megahybrid train` runs data (and context) "
-                              f"parallelism only so far (model-parallel layouts: megahybrid.parallel tests); set "
-                              f"parallel.{name}=1")
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: model-parallel layouts train on the megatron "
+                              f"backend; set parallel.{name}=1, or train.backend=megatron to train it on CUDA GPUs")
     if p.cp != 1 and config.train.backend != "reference":
         raise ConfigError(f"parallel.cp={p.cp}: the {config.train.backend} backend does not train under context "
                           "parallelism yet (Transformer Engine CP is not wired in); set train.backend=reference "
                           "or parallel.cp=1")
     check_context_parallel(config)
     if p.vpp is not None or p.sequence_parallel or p.distributed_optimizer or p.recompute != "none":
-        raise ConfigError("parallel: vpp / sequence_parallel / distributed_optimizer / recompute are not used by "
-                          "`megahybrid train` yet; leave them at their defaults")
+        raise ConfigError("parallel: vpp / sequence_parallel / distributed_optimizer / recompute are Megatron "
+                          "features; set train.backend=megatron or leave them at their defaults")
 
 
 def train_from_cli(config_source, out_dir, overrides) -> int:
@@ -86,6 +93,8 @@ def train_from_cli(config_source, out_dir, overrides) -> int:
         if data.valid is None:
             say("note: no validation split (too few held-out documents for one sequence); validation is off")
         torch.manual_seed(config.train.seed)
+        if megatron_loop.uses_megatron_loop(config):
+            return megatron_loop.train(config, data, run_dir, dist)
         model = megahybrid.build_model(config, config.train.backend).to(dist.device)
         params = sum(p.numel() for p in model.parameters())
         layout = f" (cp {dist.cp_size} x dp {dist.dp_world})" if dist.cp else ""

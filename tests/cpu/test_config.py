@@ -40,3 +40,18 @@ def test_train_refuses_layouts_it_cannot_run(override):
     config = load_config("default:tiny", [*override.split(), "model.pattern=MGE*", "train.seq_len=32"])
     with pytest.raises(ConfigError, match=r"^parallel"):
         check_layout_supported(config)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("parallel.tp=2 parallel.sequence_parallel=true train.backend=megatron parallel.cp=2", r"^parallel.cp=2: the megatron"),
+    ("parallel.tp=2 train.backend=megatron", r"^parallel.sequence_parallel=False: Megatron's MoE"),
+])
+def test_megatron_layouts_checked_before_training(override, match):
+    """Model-parallel layouts go to the Megatron loop; its config errors come before any data work."""
+    from megahybrid.train import megatron_loop
+    from megahybrid.train.run import check_layout_supported
+
+    config = load_config("default:tiny", [*override.split(), "model.pattern=MGE*", "train.seq_len=32"])
+    assert megatron_loop.uses_megatron_loop(config)
+    with pytest.raises(ConfigError, match=match):
+        check_layout_supported(config)

@@ -136,6 +136,25 @@ def test_full_recompute_keeps_block_inputs():
     assert _gpt_blocks(cfg, "full") == 2 * GPT_LAYERS * 2 * s * b * H / 2
 
 
+def test_full_recompute_of_chosen_symbols():
+    """parallel.recompute_symbols: recomputed layers keep their input only, the others everything; the
+    extra forward FLOPs are the recomputed layers' (computed here from the per-layer counts)."""
+    from megahybrid.flops import layer_flops_per_token
+
+    none, full, part = (_config("M*-E", *extra) for extra in (
+        [], ["parallel.recompute=full"], ["parallel.recompute=full", "parallel.recompute_symbols=ME"]))
+    layout = Layout.from_config(none, dp=1)
+    per_layer = {s.symbol: block_activation_bytes(none, s, layout) for s in resolve_layers(none)}
+    want = sum(per_layer[s]["full" if s in "ME" else "none"] for s in "M*-E")
+    assert _rank0(part)["activation_bytes_per_microbatch"][0] - _rank0(none)["activation_bytes_per_microbatch"][0] \
+        == pytest.approx(want - sum(v["none"] for v in per_layer.values()), rel=1e-12)
+    share = part.train.global_batch_size * part.train.seq_len
+    extra = sum(layer_flops_per_token(part, s, part.train.seq_len) for s in resolve_layers(part) if s.symbol in "ME")
+    r = _rank0(part)
+    assert r["flops_per_step_with_recompute"] - r["flops_per_step"] == pytest.approx(extra * share, rel=1e-12)
+    assert _rank0(none)["activation_bytes"] > r["activation_bytes"] > _rank0(full)["activation_bytes"]
+
+
 @pytest.mark.parametrize("pattern", ["M", "G", "-", "E", "*", "r"])
 def test_sp_divides_norm_inputs_by_tp(pattern):
     """With SP, the norm input and mixer input (2h + 2h bytes per token) are divided by tp; nothing else moves."""

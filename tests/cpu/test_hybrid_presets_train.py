@@ -1,4 +1,4 @@
-"""The Edifice `Hybrid` presets and GoldFinch: each tiny size trains a few steps on CPU (loss finite and
+"""The Edifice `Hybrid` presets, GoldFinch and RWKV-7: each tiny size trains a few steps on CPU (loss finite and
 falling) and `megahybrid describe` shows its layout. The layouts are checked against Edifice's rule
 (lib/edifice/ssm/hybrid.ex: layer i, 1-based, is attention iff i % attention_every == 0, the FFN only in
 attention blocks) written out here, not against pattern.py's own expansion."""
@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
     return [f"data.paths=[{prefix}]", f"data.tokenizer={tok}"]
 
 
-@pytest.mark.parametrize("name", [*EDIFICE, "goldfinch"])
+@pytest.mark.parametrize("name", [*EDIFICE, "goldfinch", "rwkv7"])
 def test_tiny_preset_trains_and_describes(name, dataset, tmp_path, capsys):
     args = ["model.vocab_size=512", "train.steps=10", "train.seq_len=32", "train.micro_batch_size=4",
             "train.global_batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
@@ -58,5 +58,5 @@ def test_attention_symbol_and_mlp_after_attention_errors_are_one_line():
         load_config({"model": {"backbone": "gdn", "num_layers": 3, "attention_every": 3, "attention_symbol": "mlp"}})
     with pytest.raises(ConfigError, match=r"^model.mlp_after_attention='-': only applies with model.backbone"):
         load_config({"model": {"pattern": "M*", "mlp_after_attention": "-"}})
-    with pytest.raises(ConfigError, match=r"^model.mlp_after_attention='swa': must be '-' \(mlp\), 'E' \(moe\)"):
+    with pytest.raises(ConfigError, match=r"^model.mlp_after_attention='swa': must be a channel layer: '-' \(mlp\), 'E' \(moe\)"):
         load_config({"model": {"backbone": "gdn", "num_layers": 3, "attention_every": 3, "mlp_after_attention": "swa"}})

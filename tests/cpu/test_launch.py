@@ -295,7 +295,7 @@ def test_real_slurm_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_l
       "train.backend=megatron"], "parallel.tp=4 must divide the processes per node (2)"),
     (["slurm", "--nodes", "2", "--gpus-per-node", "8", "default:tiny"],
      "train.global_batch_size=8 must be a multiple of train.micro_batch_size * data-parallel size = 8 * 16"),
-    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "nosuch"], "CONFIG 'nosuch': not a file or preset name"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "no_such"], "CONFIG 'no_such': not a file or preset name"),
     (["slurm", "--nodes", "1", "--gpus-per-node", "1", "nosuch.yaml"], "config 'nosuch.yaml': file not found"),
     (["slurm", "--nodes", "1", "--gpus-per-node", "1", "default:tiny", "train.nosuch=1"],
      "train.nosuch: unknown key"),

@@ -68,6 +68,10 @@ def test_moe_and_gdn_get_their_own_activation():
     (["model.pattern='*E'", "model.moe.num_experts=8", "model.moe.num_groups=2"], "model.moe.num_groups"),
     (["model.pattern='*-'", "parallel.cp=2"], "parallel.cp"),
     (["model.pattern='*E'", "parallel.tp=2"], "parallel.sequence_parallel"),
+    (["model.pattern='M*-'", "parallel.recompute_symbols=M"], "parallel.recompute_symbols"),
+    (["model.pattern='M*-'", "parallel.recompute=full", "parallel.recompute_symbols=MG"], "parallel.recompute_symbols"),
+    (["model.pattern='M*-'", "parallel.recompute=full", "parallel.recompute_modules=[core_attn]"],
+     "parallel.recompute_modules"),
     (["model.pattern='*-'", "model.attention.out_bias=true"], "model.attention.out_bias"),
     (["model.pattern='*-'", "model.mlp.activation=geglu_tanh"], "model.mlp.activation"),
     (["model.pattern='*E'", "model.moe.activation=geglu_tanh"], "model.moe.activation"),
@@ -107,3 +111,14 @@ def test_hf_conversion_options_are_refused(overrides, field):
     with pytest.raises(ConfigError) as err:
         check_megatron(tiny(*overrides))
     assert str(err.value).startswith(field) and "\n" not in str(err.value)
+
+
+def test_bench_command_passes_its_options_through(capsys):
+    """`megahybrid bench` is megahybrid/megatron/bench.py's own parser (GPU runs; here only its help)."""
+    from megahybrid.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: megahybrid bench") and "--rows" in out and "--impls" in out

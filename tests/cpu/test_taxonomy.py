@@ -14,7 +14,7 @@ from megahybrid.describe import describe
 from megahybrid.mixers import REGISTRY, LayerType
 from megahybrid.taxonomy import LABELS, TAXONOMY, block_label
 
-EXPECTED = {"A": "*+sfhwDn", "M": "Mm", "D": "dGk", "E": "E-", "R": "ruob", "C": "y"}
+EXPECTED = {"A": "*+sfhwDn", "M": "Mm", "D": "dGk", "E": "E-c", "R": "ruob", "C": "y"}
 
 
 def test_every_registered_symbol_has_a_label():

@@ -1,4 +1,4 @@
-"""Megatron backend under TP / SP / PP / VPP / EP / DP == one rank == the float64 reference (GPU,
+"""Megatron backend under TP / SP / PP / VPP / EP / DP / activation recompute == one rank == the float64 reference (GPU,
 marker `gpu`; each layout is skipped below the GPU count it needs; run them with
 `bash tests/gpu/run_megatron.sh parallel`).
 
@@ -48,6 +48,9 @@ LAYOUTS = {  # name: (GPUs, overrides)
     "ep2": (2, ["parallel.ep=2"]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", f"model.pattern={VPP_PATTERN}"]),
     "dp2": (2, []),
+    "recompute_full": (1, ["parallel.recompute=full"]),
+    "recompute_moe_only": (1, ["parallel.recompute=full", "parallel.recompute_symbols=E"]),
+    "recompute_selective": (1, ["parallel.recompute=selective", "parallel.recompute_modules=[core_attn,moe_act]"]),
     "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2"]),
     "tp2_sp_ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
     "pp4": (4, ["parallel.pp=4"]),
