@@ -11,6 +11,11 @@ contract), written once so each file only picks its layer, sizes and tolerances:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -92,3 +97,15 @@ def randomize_biases(module, scale: float = 0.3):
             if "bias" in name:
                 p.copy_(torch.randn_like(p) * scale)
     return module
+
+
+def fla_worker_results(module: str) -> dict:
+    """Run `module._fla_worker()` in a fresh interpreter (FLA's Triton ops swapped for its references
+    there, without touching this process's imports) and return the JSON it prints last."""
+    root = Path(__file__).resolve().parents[1]
+    code = f"import sys; sys.path.insert(0, sys.argv[1]); from {module} import _fla_worker; _fla_worker()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHDYNAMO_DISABLE": "1"}  # FLA's sqrelu is torch.compile'd
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, f"FLA subprocess ({module}) failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

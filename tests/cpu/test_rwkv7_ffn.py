@@ -12,9 +12,6 @@ a non-per-token channel layer (Mixture-of-Depths, context parallelism)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from megahybrid import build_model, load_config
 from megahybrid.config import ConfigError, ModelConfig, RWKV7Config
 from megahybrid.mixers.rwkv7_ffn import RWKV7FeedForward, ffn_width
 from tests.helpers import assert_close, rel_error
-from tests.mixer_checks import check_causal, check_grads, check_packing, check_pieces
+from tests.mixer_checks import check_causal, check_grads, check_packing, check_pieces, fla_worker_results
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,13 +156,7 @@ def _fla_worker() -> None:
 
 @pytest.fixture(scope="module")
 def fla():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from tests.cpu.test_rwkv7_ffn import _fla_worker; _fla_worker()")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHDYNAMO_DISABLE": "1"}  # FLA's sqrelu is torch.compile'd
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, f"FLA subprocess failed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fla_worker_results("tests.cpu.test_rwkv7_ffn")
 
 
 def test_matches_fla_feed_forward(fla):
