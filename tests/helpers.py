@@ -1,4 +1,4 @@
-"""The one comparison helper for the whole suite (style.md rule 2)."""
+"""The comparison helpers for the whole suite (style.md rule 2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref64, out64 = ref.detach().double(), out.detach().double()
     denom = ref64.abs().max().clamp_min(1e-30)
     return float((out64 - ref64).abs().max() / denom)
+
+
+def norm_rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """|out - ref| / |ref| in the 2-norm, float64; NaN counts as infinitely wrong (a bf16 router may flip
+    a near-tied expert choice for one token, which a max-norm turns into a failure of the whole tensor)."""
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    err = float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+    return err if err == err else float("inf")
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rtol: float) -> None:

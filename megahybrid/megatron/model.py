@@ -333,9 +333,10 @@ class MegatronLM(LanguageModule):
         return logits.transpose(0, 1).reshape(B, T, -1)
 
     def aux_loss(self) -> torch.Tensor:
-        """Weighted MoE load-balancing + z-loss of the last forward (of this pipeline stage's layers), *detached*: Megatron already adds
-        their gradients in backward (MoEAuxLossAutoScaler), so adding this value to the loss changes
-        only the reported number - and the sum equals the reference backend's loss."""
+        """Weighted MoE load-balancing + z-loss of the last forward (of this pipeline stage's layers),
+        *detached*: Megatron already adds their gradients in backward (MoEAuxLossAutoScaler), so adding
+        this value to the loss changes only the reported number - and the sum equals the reference
+        backend's loss."""
         moe = self.model_config.moe
         total = torch.zeros((), device=torch.cuda.current_device())
         metrics = get_moe_metrics_tracker().metrics
@@ -376,11 +377,11 @@ def build_megatron_model(config, precision: Optional[Precision] = None) -> Megat
     chunks: `build_megatron_chunks`.
 
     precision None: bf16 parameters (float32 when `config.train.dtype` is float32), no FP8."""
-    chunks = build_megatron_chunks(config, precision)
-    if len(chunks) > 1:
-        raise ConfigError(f"parallel.vpp={len(chunks)}: a rank holds several model chunks; build them with "
+    vpp = getattr(getattr(config, "parallel", None), "vpp", None)
+    if vpp:  # before building anything
+        raise ConfigError(f"parallel.vpp={vpp}: a rank holds several model chunks; build them with "
                           "build_megatron_chunks (megahybrid/megatron/step.py trains them)")
-    return chunks[0]
+    return build_megatron_chunks(config, precision)[0]
 
 
 def build_megatron_chunks(config, precision: Optional[Precision] = None) -> list[MegatronLM]:

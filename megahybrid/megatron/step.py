@@ -107,16 +107,9 @@ class MegatronTrainer:
         updated, grad_norm, _ = self.optimizer.step()
         return updated, float(grad_norm or 0.0)
 
-    def sharded_state_dict(self, grads: bool = False) -> dict:
+    def sharded_state_dict(self) -> dict:
         """All chunks' Megatron `sharded_state_dict` in one dict (keys are global, so the chunks'
-        entries do not collide). grads=True: the same entries holding the finalised gradients
-        instead of the weights - saved with `dist_checkpointing.save`, they read back at any layout
-        (how the multi-GPU tests gather gradients)."""
-        if grads:
-            for chunk in self.chunks:
-                for param in chunk.parameters():
-                    if getattr(param, "main_grad", None) is not None:
-                        param.data.copy_(param.main_grad)
+        entries do not collide)."""
         return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.chunks)}
 
     def load(self, checkpoint_dir) -> None:

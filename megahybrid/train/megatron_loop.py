@@ -49,14 +49,21 @@ def _micro_batches(data, step: int, accum: int, dp_rank: int, dp: int, device, v
     return out
 
 
+def _dp_mean(value: torch.Tensor) -> torch.Tensor:
+    """`value` averaged over this rank's data-parallel group (in place)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(value, group=ps.get_data_parallel_group())
+        value /= ps.get_data_parallel_world_size()
+    return value
+
+
 def _on_every_rank(loss: Optional[torch.Tensor], device) -> float:
     """The last pipeline stage's loss, averaged over data parallelism, on every rank."""
     from megatron.core import parallel_state as ps
 
-    value = torch.zeros((), device=device) if loss is None else loss.detach().float().clone()
-    if loss is not None and ps.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(value, group=ps.get_data_parallel_group())
-        value /= ps.get_data_parallel_world_size()
+    value = torch.zeros((), device=device) if loss is None else _dp_mean(loss.detach().float().clone())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(),
                                     group=ps.get_pipeline_model_parallel_group())
@@ -70,10 +77,7 @@ def _aux_loss(trainer, device) -> float:
     value = sum((chunk.aux_loss() for chunk in trainer.chunks), torch.zeros((), device=device)).float()
     if ps.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
-    if ps.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(value, group=ps.get_data_parallel_group())
-        value /= ps.get_data_parallel_world_size()
-    return float(value)
+    return float(_dp_mean(value))
 
 
 # -------------------------------------------------------------------------------- checkpoints

@@ -152,29 +152,41 @@ def cp_loss(y_local, final_local, comm, dy, dstate, last_rank: bool):
 # ---------------------------------------------------------------------- simulated ranks
 
 
+def check_cp_equals_whole(name: str, cp: int, layout: str, with_state: bool, packed: bool = False,
+                          forward=forward_cp, rtol: float = RTOL) -> dict:
+    """`forward(mixer, x_local, comm, state, seq_idx_local)` under `SimulatedCP(cp, layout)` == the unsplit
+    module (`packed`: rows of several documents): outputs, the final state (the last document's) and the
+    gradients of the input, the incoming state and every parameter. Returns the module, its inputs and
+    the reference results for further checks."""
+    module = build(name)
+    if packed:
+        x, state, dy, dstate, seq_idx = packed_inputs(module, with_state)
+    else:
+        (x, state, dy, dstate), seq_idx = inputs(module, with_state), None
+    y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate, seq_idx)
+
+    comm = SimulatedCP(cp, layout)
+    x, state = leaves(x, state)
+    y_local, end_local = forward(module, comm.shard(x), comm, state, None if seq_idx is None else comm.shard(seq_idx))
+    final = {k: v.unflatten(0, (cp, -1))[comm.last_slot_rank] for k, v in end_local.items()}
+    grads = grads_of(cp_loss(y_local, final, comm, dy, dstate, last_rank=True), module, x, state)
+
+    assert_close("y", y_ref, comm.unshard(y_local), rtol)
+    assert final.keys() == final_ref.keys()
+    for k in final_ref:
+        assert_close(f"final state[{k}]", final_ref[k], final[k], rtol)
+    for n in grads_ref:
+        assert_close(f"d {n}", grads_ref[n], grads[n], rtol)
+    return {"module": module, "x": x.detach(), "state": state, "y": y_ref, "final": final_ref}
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("cp,layout,with_state", [
     (2, "contiguous", False), (4, "contiguous", False), (4, "contiguous", True),
     (2, "zigzag", True), (4, "zigzag", False),
 ], ids=lambda v: str(v))
 def test_simulated_equals_whole(name, cp, layout, with_state):
-    module = build(name)
-    x, state, dy, dstate = inputs(module, with_state)
-    y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate)
-
-    comm = SimulatedCP(cp, layout)
-    x, state = leaves(x, state)
-    y_local, end_local = forward_cp(module, comm.shard(x), comm, state)
-    final = {k: v.unflatten(0, (cp, B))[comm.last_slot_rank] for k, v in end_local.items()}
-    loss = cp_loss(y_local, final, comm, dy, dstate, last_rank=True)
-    grads = grads_of(loss, module, x, state)
-
-    assert_close("y", y_ref, comm.unshard(y_local), RTOL)
-    assert final.keys() == final_ref.keys()
-    for k in final_ref:
-        assert_close(f"final state[{k}]", final_ref[k], final[k], RTOL)
-    for n in grads_ref:
-        assert_close(f"d {n}", grads_ref[n], grads[n], RTOL)
+    check_cp_equals_whole(name, cp, layout, with_state)
 
 
 def test_slot_end_states_are_the_states_at_slot_boundaries():
@@ -226,22 +238,7 @@ def test_packed_reference_is_documents_run_alone(name):
 def test_packed_simulated_equals_whole(name, cp, layout, with_state):
     """Packed rows under CP == the unsplit module with the same `seq_idx`: outputs, final state (the
     last document's) and the gradients of the input, the incoming state and every parameter."""
-    module = build(name)
-    x, state, dy, dstate, seq_idx = packed_inputs(module, with_state)
-    y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate, seq_idx)
-
-    comm = SimulatedCP(cp, layout)
-    x, state = leaves(x, state)
-    y_local, end_local = forward_cp(module, comm.shard(x), comm, state, seq_idx=comm.shard(seq_idx))
-    final = {k: v.unflatten(0, (cp, -1))[comm.last_slot_rank] for k, v in end_local.items()}
-    grads = grads_of(cp_loss(y_local, final, comm, dy, dstate, last_rank=True), module, x, state)
-
-    assert_close("y", y_ref, comm.unshard(y_local), RTOL)
-    assert final.keys() == final_ref.keys()
-    for k in final_ref:
-        assert_close(f"final state[{k}]", final_ref[k], final[k], RTOL)
-    for n in grads_ref:
-        assert_close(f"d {n}", grads_ref[n], grads[n], RTOL)
+    check_cp_equals_whole(name, cp, layout, with_state, packed=True)
 
 
 @pytest.mark.parametrize("name", ["gdn", "rglru"])

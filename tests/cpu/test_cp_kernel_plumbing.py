@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from megahybrid.mixers.delta_rule import naive_recurrent_delta_rule
 from megahybrid.mixers.mamba2 import naive_recurrent_ssd
-from megahybrid.parallel import SimulatedCP, kernels
-from tests.cpu.test_context_parallel import build, cp_loss, grads_of, inputs, leaves, packed_inputs, reference
-from tests.helpers import rel_error
+from megahybrid.parallel import kernels
+from tests.cpu.test_context_parallel import check_cp_equals_whole, leaves
+from tests.helpers import assert_close
 
 TOL = 1e-9  # float64 throughout: only summation order differs
 
@@ -117,25 +117,11 @@ CASES = [(2, "contiguous", False, False), (4, "zigzag", True, False), (2, "conti
 @pytest.mark.parametrize("cp,layout,with_state,packed", CASES)
 @pytest.mark.parametrize("name", ["deltanet", "gdn", "mamba2"])
 def test_kernel_path_plumbing(stand_ins, name, cp, layout, with_state, packed):
-    module = build(name)
-    if packed:
-        x, state, dy, dstate, seq_idx = packed_inputs(module, with_state)
-    else:
-        (x, state, dy, dstate), seq_idx = inputs(module, with_state), None
-    rows = x.shape[0]
-    y_ref, final_ref, grads_ref = reference(module, x, state, dy, dstate, seq_idx)
-    comm = SimulatedCP(cp, layout)
-    x, state = leaves(x, state)
-    y_local, end_local = kernels.forward_cp_kernels(module, comm.shard(x), comm, state,
-                                                    None if seq_idx is None else comm.shard(seq_idx))
-    final = {k: v.unflatten(0, (cp, rows))[comm.last_slot_rank] for k, v in end_local.items()}
-    grads = grads_of(cp_loss(y_local, final, comm, dy, dstate, last_rank=True), module, x, state)
-    errors = {"y": rel_error(y_ref, comm.unshard(y_local))}
-    errors.update({f"final {k}": rel_error(final_ref[k], final[k]) for k in final_ref})
-    errors.update({f"d{k}": rel_error(grads_ref[k], grads[k]) for k in grads_ref})
-    assert max(errors.values()) <= TOL, errors
+    whole = check_cp_equals_whole(name, cp, layout, with_state, packed, forward=kernels.forward_cp_kernels, rtol=TOL)
     if not packed:  # the same kernels without CP
-        x2, state2 = leaves(x.detach(), None if state is None else {k: v.detach() for k, v in state.items()})
-        y_whole, end_whole = kernels.forward_kernels(module, x2, state2)
-        assert rel_error(y_ref, y_whole) <= TOL
-        assert max(rel_error(final_ref[k], end_whole[k]) for k in final_ref) <= TOL
+        state = None if whole["state"] is None else {k: v.detach() for k, v in whole["state"].items()}
+        x, state = leaves(whole["x"], state)
+        y, end = kernels.forward_kernels(whole["module"], x, state)
+        assert_close("y (no CP)", whole["y"], y, TOL)
+        for k in whole["final"]:
+            assert_close(f"final state[{k}] (no CP)", whole["final"][k], end[k], TOL)

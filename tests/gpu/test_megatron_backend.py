@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import rel_error
+from tests.helpers import norm_rel_error, rel_error
 
 pytestmark = pytest.mark.gpu
 
@@ -46,12 +46,6 @@ def config_for(pattern: str, extra=()):
     return load_config({"model": {"pattern": pattern}}, [*SIZES, *extra])
 
 
-def norm_rel(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    return err if err == err else float("inf")
-
-
 def step(model, x, y):
     logits = model(x)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + model.aux_loss()
@@ -77,7 +71,7 @@ def compare(pattern: str, dtype: torch.dtype, T: int = 100, B: int = 2):
     logits, loss = step(model, x, y)
     grads_ref = {k: p.grad for k, p in ref.named_parameters()}
     grads = mapping.to_reference(mapping.megatron_grads(model), config, gradients=True)
-    measure = rel_error if dtype == torch.float32 else norm_rel
+    measure = rel_error if dtype == torch.float32 else norm_rel_error
     errors = {"logits": measure(logits_ref, logits), "loss": abs(float(loss) - float(loss_ref)) / abs(float(loss_ref))}
     errors.update({f"grad {k}": measure(g, grads[k]) for k, g in grads_ref.items()})
     worst_grad = max((k for k in errors if k.startswith("grad")), key=errors.get)
@@ -126,7 +120,7 @@ def test_packed_equals_separate():
         packed = model(ids, seq_idx=seq_idx)
         parts = [model(ids[:1, :cut]), model(ids[:1, cut:]), model(ids[1:])]
     separate = torch.cat([torch.cat(parts[:2], dim=1), parts[2]], dim=0)
-    err = norm_rel(separate.float(), packed.float())
+    err = norm_rel_error(separate.float(), packed.float())
     RESULTS.append(f"packed THD vs separate (bf16, M*-MGE-): logits norm-rel {err:.1e}")
     print(RESULTS[-1])
     assert err <= 2e-2
@@ -168,7 +162,7 @@ def test_fp8_smoke(recipe):
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
         out[name] = logits.float()
         del model
-    err = norm_rel(out["bf16"], out["fp8"])
+    err = norm_rel_error(out["bf16"], out["fp8"])
     RESULTS.append(f"FP8 {recipe:10s} vs bf16 logits norm-rel {err:.1e}")
     print(RESULTS[-1])
     assert err <= 0.15

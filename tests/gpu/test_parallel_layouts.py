@@ -27,6 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import norm_rel_error
+
 pytestmark = pytest.mark.gpu
 
 PATTERN = os.environ.get("LAYOUT_PATTERN", "M*-EG*-E")
@@ -71,11 +73,6 @@ ranks' sequence shards); DP2 2e-7 (M*-EG*-E)."""
 LAYOUT_TIMEOUT = int(os.environ.get("LAYOUT_TIMEOUT", 180))
 """Seconds per layout: a rank that dies can leave the others waiting in a collective."""
 RESULTS: list[str] = []
-
-
-def norm_rel(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.detach().double(), out.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +150,8 @@ def test_layout_matches_reference_and_one_gpu(setup, single, name):
     ref_loss, ref_grads = setup["loss"], setup["grads"]
     assert set(grads) == set(ref_grads), sorted(set(grads) ^ set(ref_grads))
     loss_err = abs(loss - ref_loss) / abs(ref_loss)
-    vs_ref = {k: norm_rel(ref_grads[k], grads[k]) for k in ref_grads}
-    vs_one = {k: norm_rel(single[1][k], grads[k]) for k in ref_grads}
+    vs_ref = {k: norm_rel_error(ref_grads[k], grads[k]) for k in ref_grads}
+    vs_one = {k: norm_rel_error(single[1][k], grads[k]) for k in ref_grads}
     worst_ref, worst_one = max(vs_ref, key=vs_ref.get), max(vs_one, key=vs_one.get)
     RESULTS.append(f"layout {name:11s} gpus {gpus}: loss vs fp64 {loss_err:.1e}, vs 1 GPU "
                    f"{abs(loss - single[0]) / abs(single[0]):.1e}; worst grad vs fp64 {vs_ref[worst_ref]:.1e} "

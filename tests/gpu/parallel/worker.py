@@ -38,8 +38,13 @@ def main(ckpt: str, data: str, grads: str, result: str, *overrides: str) -> None
     if loss is not None:
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         loss = loss / trainer.dp_size
+    with torch.no_grad():  # the finalised gradients in the weights' places: their checkpoint reads back anywhere
+        for chunk in trainer.chunks:
+            for param in chunk.parameters():
+                if getattr(param, "main_grad", None) is not None:
+                    param.copy_(param.main_grad)
     Path(grads).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(trainer.sharded_state_dict(grads=True), grads)
+    dist_checkpointing.save(trainer.sharded_state_dict(), grads)
     if loss is not None and parallel_state.get_data_parallel_rank() == 0 and \
             parallel_state.get_tensor_model_parallel_rank() == 0:
         world = torch.distributed.get_world_size()
